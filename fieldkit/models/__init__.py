@@ -1,0 +1,5 @@
+"""Things with trainable parameters."""
+
+from fieldkit.models.gaussians import Splats
+
+__all__ = ["Splats"]
