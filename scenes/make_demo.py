@@ -284,7 +284,7 @@ def _frames_json(split: str, poses: Sequence[np.ndarray]) -> list[dict]:
         {
             "file_path": f"./{split}/r_{k}",
             "rotation": 0.0,
-            "transform_matrix": [[float(x) for x in row] for row in c2w],
+            "transform_matrix": [[float(x) + 0.0 for x in row] for row in c2w],  # no -0.0
         }
         for k, c2w in enumerate(poses)
     ]

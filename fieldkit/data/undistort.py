@@ -60,36 +60,41 @@ class Distortion:
         return x, y
 
 
-def undistort_image(image: torch.Tensor, K: torch.Tensor, distortion: Distortion) -> torch.Tensor:
-    """Resample [H,W,C] taken through (K, distortion) as seen by a pinhole with the same K.
+def undistortion_grid(K: torch.Tensor, distortion: Distortion, width: int, height: int) -> torch.Tensor:
+    """[H,W,2] grid_sample coordinates: where each pinhole pixel samples the distorted image.
 
-    Pixel centres sit at (j + 0.5, i + 0.5) (the cameras.py convention); samples outside
-    the input are clamped to its border.
+    Pixel centres sit at (j + 0.5, i + 0.5) (the cameras.py convention); with
+    ``align_corners=False`` grid_sample puts -1 / +1 on the outer pixel edges.
     """
-    if distortion.is_zero:
-        return image
-    h, w = image.shape[:2]
     K = K.double()
     fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
     v, u = torch.meshgrid(
-        torch.arange(h, dtype=torch.float64) + 0.5,
-        torch.arange(w, dtype=torch.float64) + 0.5,
+        torch.arange(height, dtype=torch.float64) + 0.5,
+        torch.arange(width, dtype=torch.float64) + 0.5,
         indexing="ij",
     )
     xd, yd = distortion.apply((u - cx) / fx, (v - cy) / fy)
-    src_u = xd * fx + cx
-    src_v = yd * fy + cy
-    # grid_sample with align_corners=False puts -1 / +1 on the outer pixel edges.
-    grid = torch.stack([src_u / w * 2 - 1, src_v / h * 2 - 1], dim=-1).to(image.dtype)
-    out = F.grid_sample(
-        image.permute(2, 0, 1)[None], grid[None], mode="bilinear", padding_mode="border", align_corners=False
-    )
-    return out[0].permute(1, 2, 0).contiguous()
+    return torch.stack([(xd * fx + cx) / width * 2 - 1, (yd * fy + cy) / height * 2 - 1], dim=-1)
 
 
 def undistort_images(images: torch.Tensor, K: torch.Tensor, distortions: list[Distortion]) -> torch.Tensor:
-    """Undistort a batch [N,H,W,C] with per-image K [N,3,3] and distortion."""
+    """Resample a batch [N,H,W,C] taken through (K [N,3,3], distortion) onto pinholes with the same K.
+
+    Samples outside an input image are clamped to its border.
+    """
     out = images.clone()
+    n, h, w, _ = images.shape
+    groups: dict[tuple, list[int]] = {}
     for i, dist in enumerate(distortions):
-        out[i] = undistort_image(images[i], K[i], dist)
+        if not dist.is_zero:
+            groups.setdefault((tuple(K[i].flatten().tolist()), dist), []).append(i)
+    for (_, dist), members in groups.items():
+        grid = undistortion_grid(K[members[0]], dist, w, h).to(images.dtype)
+        for start in range(0, len(members), 16):
+            idx = members[start : start + 16]
+            src = images[idx].permute(0, 3, 1, 2)
+            res = F.grid_sample(
+                src, grid.expand(len(idx), h, w, 2), mode="bilinear", padding_mode="border", align_corners=False
+            )
+            out[idx] = res.permute(0, 2, 3, 1)
     return out

@@ -1,0 +1,250 @@
+"""``fieldkit`` command line: train, eval, render, export (tyro subcommands over dataclasses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Literal, Optional
+
+import numpy as np
+import torch
+import tyro
+
+from fieldkit import __version__
+from fieldkit.io_atomic import atomic_path
+from fieldkit.methods import describe_methods, load_method_classes
+from fieldkit.methods.gs import GSConfig
+from fieldkit.runs import DataOptions, RunRecord, default_run_dir, load_run, read_record, write_record
+from fieldkit.trainer import Trainer, TrainerConfig
+
+MethodName = Literal["gs"]
+BackendName = Literal["auto", "torch", "cpu", "cuda", "gsplat"]
+
+
+@dataclass
+class TrainCommand:
+    """Train a reconstruction. Methods: gs (3D Gaussian splatting, default for posed images)."""
+
+    data_path: tyro.conf.Positional[Path]
+    """Scene folder (Blender, nerfstudio transforms.json, COLMAP, or LLFF; detected automatically)."""
+    method: Optional[MethodName] = None
+    """Method to train (default: chosen from the data: posed images -> gs)."""
+    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    """Run folder, used exactly as given (default: outputs/<scene>/<method>/<timestamp>)."""
+    max_steps: Optional[int] = None
+    """Training steps (default: the scene's fieldkit.json hint, else 7000)."""
+    backend: BackendName = "auto"
+    """Rasterizer backend: auto picks cuda, then the native CPU build, then torch."""
+    seed: int = 0
+    resume: bool = False
+    """Continue from the newest checkpoint in --output."""
+    eval_every: int = 1000
+    save_every: int = 2000
+    data: DataOptions = field(default_factory=DataOptions)
+    gs: GSConfig = field(default_factory=GSConfig)
+
+
+@dataclass
+class EvalCommand:
+    """Render the held-out views of a run and write <run>/eval.json (nerfstudio ns-eval shape)."""
+
+    run: tyro.conf.Positional[Path]
+    split: str = "test"
+    backend: Optional[BackendName] = None
+    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    """Where to write the JSON (default: <run>/eval.json)."""
+
+
+@dataclass
+class RenderCommand:
+    """Write PNGs of a split's views, plus ground-truth | render | error side-by-sides."""
+
+    run: tyro.conf.Positional[Path]
+    split: str = "test"
+    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    """Folder for the images (default: <run>/renders/<split>)."""
+    backend: Optional[BackendName] = None
+
+
+@dataclass
+class ExportCommand:
+    """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte)."""
+
+    run: tyro.conf.Positional[Path]
+    format: Literal["ply", "splat"] = "ply"
+    output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
+    """File to write (default: <run>/exports/model.<format>)."""
+
+
+def _scene_hints(data_path: Path) -> dict:
+    """Optional ``fieldkit.json`` in a scene folder with defaults such as max_steps."""
+    hint = data_path / "fieldkit.json"
+    if hint.is_file():
+        try:
+            return json.loads(hint.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{hint}: not valid JSON ({error})") from error
+    return {}
+
+
+def run_train(cmd: TrainCommand) -> Path:
+    from fieldkit.data import load_scene
+
+    data_path = cmd.data_path.resolve()
+    if not data_path.exists():
+        raise FileNotFoundError(f"data folder {cmd.data_path} does not exist")
+    hints = _scene_hints(data_path)
+    method_name = cmd.method or hints.get("method", "gs")
+    max_steps = cmd.max_steps or int(hints.get("max_steps", 7000))
+    run_dir = cmd.output or default_run_dir(data_path, method_name)
+    if cmd.resume and not (run_dir / "config.json").exists():
+        raise FileNotFoundError(f"--resume needs an existing run folder with config.json, got {run_dir}")
+    if not cmd.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
+        raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
+
+    background = torch.tensor(cmd.data.background, dtype=torch.float32) if cmd.data.background is not None else None
+    print(f"Loading {data_path} ...", flush=True)
+    scene = load_scene(data_path, downscale=cmd.data.downscale, background=background)
+    images, _ = scene.subset("train")
+    print(f"Scene {scene.name or data_path.name}: {len(scene.split['train'])} train / {len(scene.split.get('test', []))} test views at {images.shape[2]}x{images.shape[1]}")
+
+    config_cls, method_cls = load_method_classes(method_name)
+    method_config = getattr(cmd, method_name, None) or config_cls()
+    trainer_config = TrainerConfig(max_steps=max_steps, eval_every=cmd.eval_every, save_every=cmd.save_every, seed=cmd.seed)
+    record = RunRecord(
+        method=method_name,
+        data=str(data_path),
+        data_options=dataclasses.asdict(cmd.data),
+        method_config=dataclasses.asdict(method_config),
+        max_steps=max_steps,
+        seed=cmd.seed,
+        backend=cmd.backend,
+        trainer=dataclasses.asdict(trainer_config),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        fieldkit_version=__version__,
+    )
+    if not cmd.resume:
+        write_record(run_dir, record)
+    from fieldkit.trainer import seed_everything
+
+    seed_everything(cmd.seed)
+    method = method_cls(method_config, scene, max_steps=max_steps, backend=cmd.backend, seed=cmd.seed)
+    eval_images, eval_cameras = scene.subset("test") if "test" in scene.split else (None, None)
+    trainer = Trainer(method, run_dir, trainer_config, eval_images, eval_cameras)
+    if cmd.resume:
+        print(f"Resuming from step {trainer.resume()}")
+    print(f"Run folder: {run_dir}")
+    started = time.perf_counter()
+    ckpt = trainer.train()
+    print(f"Done in {time.perf_counter() - started:.1f} s. Checkpoint: {ckpt}")
+    print(f"Run folder: {run_dir}\nNext: fieldkit eval {run_dir}")
+    return run_dir
+
+
+def evaluate_run(run: Path, split: str = "test", backend: str | None = None) -> dict:
+    """Per-image PSNR/SSIM on a split, averaged in nerfstudio's ns-eval shape."""
+    from fieldkit.metrics import psnr, ssim
+
+    method, scene, record, step = load_run(run, backend)
+    images, cameras = scene.subset(split)
+    psnrs, ssims, seconds = [], [], []
+    for i in range(len(cameras)):
+        started = time.perf_counter()
+        rgb = method.render(cameras[i])["rgb"].cpu()
+        seconds.append(time.perf_counter() - started)
+        psnrs.append(float(psnr(rgb, images[i : i + 1])[0]))
+        ssims.append(float(ssim(rgb, images[i : i + 1])[0]))
+    rays = cameras.width * cameras.height
+    rays_per_sec = [rays / s for s in seconds]
+    results = {
+        "psnr": float(np.mean(psnrs)),
+        "psnr_std": float(np.std(psnrs, ddof=1)) if len(psnrs) > 1 else 0.0,
+        "ssim": float(np.mean(ssims)),
+        "ssim_std": float(np.std(ssims, ddof=1)) if len(ssims) > 1 else 0.0,
+        "num_rays_per_sec": float(np.mean(rays_per_sec)),
+        "num_rays_per_sec_std": float(np.std(rays_per_sec, ddof=1)) if len(seconds) > 1 else 0.0,
+        "fps": float(np.mean(rays_per_sec) / rays),
+        "num_images": len(cameras),
+    }
+    return {
+        "experiment_name": Path(record.data).name,
+        "method_name": record.method,
+        "checkpoint": f"step-{step:09d}",
+        "split": split,
+        "results": results,
+        "per_image": {"psnr": psnrs, "ssim": ssims},
+    }
+
+
+def run_eval(cmd: EvalCommand) -> dict:
+    report = evaluate_run(cmd.run, cmd.split, cmd.backend)
+    out = cmd.output or cmd.run / "eval.json"
+    with atomic_path(out) as tmp:
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+    r = report["results"]
+    print(f"{'metric':<18}{'mean':>12}{'std':>12}")
+    for key in ("psnr", "ssim", "num_rays_per_sec"):
+        print(f"{key:<18}{r[key]:>12.4f}{r.get(key + '_std', 0.0):>12.4f}")
+    print(f"{report['results']['num_images']} {cmd.split} views, {report['checkpoint']}; wrote {out}")
+    return report
+
+
+def run_render(cmd: RenderCommand) -> Path:
+    from fieldkit.render.images import save_comparison, save_png
+
+    method, scene, record, step = load_run(cmd.run, cmd.backend)
+    images, cameras = scene.subset(cmd.split)
+    out_dir = cmd.output or cmd.run / "renders" / cmd.split
+    out_dir.mkdir(parents=True, exist_ok=True)
+    from tqdm import tqdm
+
+    for i in tqdm(range(len(cameras)), desc="render", unit="view"):
+        rgb = method.render(cameras[i])["rgb"][0].cpu()
+        save_png(out_dir / f"{i:04d}.png", rgb)
+        save_comparison(out_dir / f"{i:04d}_compare.png", images[i], rgb)
+    print(f"Wrote {len(cameras)} renders and side-by-sides (ground truth | render | error) to {out_dir}")
+    return out_dir
+
+
+def run_export(cmd: ExportCommand) -> Path:
+    method, _, record, _ = load_run(cmd.run)
+    out = cmd.output or cmd.run / "exports" / f"model.{cmd.format}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = method.export(cmd.format, out)
+    print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
+    return path
+
+
+COMMANDS = {
+    "train": (TrainCommand, run_train),
+    "eval": (EvalCommand, run_eval),
+    "render": (RenderCommand, run_render),
+    "export": (ExportCommand, run_export),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``fieldkit`` console script."""
+    TrainCommand.__doc__ = f"Train a reconstruction. Methods: {describe_methods()}."
+    argv = sys.argv[1:] if argv is None else argv
+    cmd = tyro.extras.subcommand_cli_from_dict(
+        {name: cls for name, (cls, _) in COMMANDS.items()},
+        prog="fieldkit",
+        description="fieldkit: reconstruct 3D from real data.",
+        args=argv,
+    )
+    runner = next(run for cls, run in COMMANDS.values() if isinstance(cmd, cls))
+    try:
+        runner(cmd)
+    except (FileNotFoundError, FileExistsError, ValueError) as error:
+        print(f"fieldkit: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

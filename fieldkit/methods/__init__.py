@@ -1,0 +1,27 @@
+"""Method registry: names -> (config class, method class), imported lazily."""
+
+from __future__ import annotations
+
+import importlib
+
+# name -> (module, config class, method class, one-line description)
+REGISTRY: dict[str, tuple[str, str, str, str]] = {
+    "gs": ("fieldkit.methods.gs", "GSConfig", "GaussianSplatting", "3D Gaussian splatting (Kerbl et al. 2023), the default for posed images"),
+}
+
+
+def method_names() -> list[str]:
+    return list(REGISTRY)
+
+
+def describe_methods() -> str:
+    return "; ".join(f"{name}: {entry[3]}" for name, entry in REGISTRY.items())
+
+
+def load_method_classes(name: str):
+    """(config class, method class) for a registered method name."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(REGISTRY)}")
+    module_name, config_cls, method_cls, _ = REGISTRY[name]
+    module = importlib.import_module(module_name)
+    return getattr(module, config_cls), getattr(module, method_cls)
