@@ -186,6 +186,14 @@ def test_ply_round_trip_exact(tmp_path: Path, degree: int) -> None:
     assert path.stat().st_size == len(header_and_body(path)[0]) + 257 * 4 * (14 + 3 * (degree + 1) ** 2)
 
 
+def test_empty_splats_round_trip(tmp_path: Path) -> None:
+    empty = random_splats(0, 4)
+    write_ply(tmp_path / "e.ply", empty)
+    assert_splats_equal(empty, read_ply(tmp_path / "e.ply"))
+    write_splat(tmp_path / "e.splat", empty)
+    assert (tmp_path / "e.splat").stat().st_size == 0 and len(read_splat(tmp_path / "e.splat")) == 0
+
+
 def test_ply_f_rest_channel_major_order(tmp_path: Path) -> None:
     n, k = 5, 16
     coef = torch.arange(k, dtype=torch.float32).view(1, k, 1)

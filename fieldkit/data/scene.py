@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from ..cameras import Cameras
@@ -82,9 +83,8 @@ class Scene:
         (``scene_box``); else the region the cameras look at (see :func:`look_at_box`).
         """
         if self.points is not None and len(self.points) > 0:
-            pts = self.points.double()
-            box = torch.stack([pts.quantile(0.01, dim=0), pts.quantile(0.99, dim=0)])
-            return box.float()
+            pts = self.points.detach().cpu().double().numpy()  # numpy: no size limit on quantiles
+            return torch.from_numpy(np.percentile(pts, [1.0, 99.0], axis=0)).float()
         if self.scene_box is not None:
             return self.scene_box.float()
         return look_at_box(self.cameras, self.near_far).float()

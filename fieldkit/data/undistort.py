@@ -7,9 +7,13 @@ model: each output pixel's ray is distorted to find where to sample the input im
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+ArrayT = TypeVar("ArrayT", np.ndarray, torch.Tensor)
 
 
 @dataclass(frozen=True)
@@ -30,29 +34,29 @@ class Distortion:
     def is_zero(self) -> bool:
         return not any(self.radial) and not any(self.rational) and self.p1 == 0.0 and self.p2 == 0.0
 
-    def apply(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Distort undistorted normalised coordinates (x, y) = (X/Z, Y/Z)."""
+    def apply(self, x: ArrayT, y: ArrayT) -> tuple[ArrayT, ArrayT]:
+        """Distort undistorted normalised coordinates (x, y) = (X/Z, Y/Z) (numpy or torch)."""
         r2 = x * x + y * y
-        num = torch.ones_like(r2)
-        power = torch.ones_like(r2)
+        num = 1.0 + 0.0 * r2
+        power = 1.0 + 0.0 * r2
         for k in self.radial:
             power = power * r2
             num = num + k * power
-        den = torch.ones_like(r2)
-        power = torch.ones_like(r2)
-        for k in self.rational:
-            power = power * r2
-            den = den + k * power
-        d = num / den
+        d = num
+        if any(self.rational):
+            den = 1.0 + 0.0 * r2
+            power = 1.0 + 0.0 * r2
+            for k in self.rational:
+                power = power * r2
+                den = den + k * power
+            d = num / den
         xd = x * d + 2 * self.p1 * x * y + self.p2 * (r2 + 2 * x * x)
         yd = y * d + self.p1 * (r2 + 2 * y * y) + 2 * self.p2 * x * y
         return xd, yd
 
-    def remove(
-        self, xd: torch.Tensor, yd: torch.Tensor, iterations: int = 20
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def remove(self, xd: ArrayT, yd: ArrayT, iterations: int = 20) -> tuple[ArrayT, ArrayT]:
         """Undistort normalised coordinates by fixed-point iteration (inverse of :meth:`apply`)."""
-        x, y = xd.clone(), yd.clone()
+        x, y = xd, yd
         for _ in range(iterations):
             fx, fy = self.apply(x, y)
             x = x - (fx - xd)
@@ -66,15 +70,12 @@ def undistortion_grid(K: torch.Tensor, distortion: Distortion, width: int, heigh
     Pixel centres sit at (j + 0.5, i + 0.5) (the cameras.py convention); with
     ``align_corners=False`` grid_sample puts -1 / +1 on the outer pixel edges.
     """
-    K = K.double()
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    v, u = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64) + 0.5,
-        torch.arange(width, dtype=torch.float64) + 0.5,
-        indexing="ij",
-    )
+    # numpy (single-threaded) keeps this cheap even when torch's thread pool is contended
+    fx, fy, cx, cy = (float(v) for v in (K[0, 0], K[1, 1], K[0, 2], K[1, 2]))
+    v, u = np.meshgrid(np.arange(height) + 0.5, np.arange(width) + 0.5, indexing="ij")
     xd, yd = distortion.apply((u - cx) / fx, (v - cy) / fy)
-    return torch.stack([(xd * fx + cx) / width * 2 - 1, (yd * fy + cy) / height * 2 - 1], dim=-1)
+    grid = np.stack([(xd * fx + cx) / width * 2 - 1, (yd * fy + cy) / height * 2 - 1], axis=-1)
+    return torch.from_numpy(grid)
 
 
 def undistort_images(images: torch.Tensor, K: torch.Tensor, distortions: list[Distortion]) -> torch.Tensor:
@@ -83,7 +84,7 @@ def undistort_images(images: torch.Tensor, K: torch.Tensor, distortions: list[Di
     Samples outside an input image are clamped to its border.
     """
     out = images.clone()
-    n, h, w, _ = images.shape
+    _, h, w, _ = images.shape
     groups: dict[tuple, list[int]] = {}
     for i, dist in enumerate(distortions):
         if not dist.is_zero:

@@ -94,7 +94,7 @@ def write_ply(path: PathLike, splats: Splats, *, normals: bool = True) -> None:
     header += "end_header\n"
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.encode("ascii"))
-        f.write(memoryview(rows).cast("B"))
+        f.write(memoryview(rows.reshape(-1).view(np.uint8)))
 
 
 def alpha_to_logit(alpha: np.ndarray) -> np.ndarray:
@@ -132,8 +132,8 @@ def _rest_names(path: Path, element: PlyElement) -> list[str]:
 
 def _rest_to_sh(rest: np.ndarray) -> np.ndarray:
     """Channel-major [N, 3m] -> [N, m, 3]."""
-    n = rest.shape[0]
-    return rest.reshape(n, 3, -1).transpose(0, 2, 1)
+    n, m = rest.shape
+    return rest.reshape(n, 3, m // 3).transpose(0, 2, 1)
 
 
 def _to_splats(means: np.ndarray, quats: np.ndarray, log_scales: np.ndarray,
