@@ -16,7 +16,7 @@ import tyro
 
 from fieldkit import __version__
 from fieldkit.io_atomic import atomic_path
-from fieldkit.methods import describe_methods, load_method_classes
+from fieldkit.methods import default_method_for, describe_methods, load_method_classes
 from fieldkit.methods.gs import GSConfig
 from fieldkit.runs import DataOptions, RunRecord, default_run_dir, load_run, read_record, write_record
 from fieldkit.trainer import Trainer, TrainerConfig
@@ -92,13 +92,11 @@ def _scene_hints(data_path: Path) -> dict:
 
 
 def run_train(cmd: TrainCommand) -> Path:
-    from fieldkit.data import load_scene
-
     data_path = cmd.data_path.resolve()
     if not data_path.exists():
         raise FileNotFoundError(f"data folder {cmd.data_path} does not exist")
     hints = _scene_hints(data_path)
-    method_name = cmd.method or hints.get("method", "gs")
+    method_name = cmd.method or hints.get("method") or default_method_for(data_path)
     max_steps = cmd.max_steps or int(hints.get("max_steps", 7000))
     run_dir = cmd.output or default_run_dir(data_path, method_name)
     if cmd.resume and not (run_dir / "config.json").exists():
@@ -106,13 +104,14 @@ def run_train(cmd: TrainCommand) -> Path:
     if not cmd.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
 
+    config_cls, method_cls = load_method_classes(method_name)
     background = torch.tensor(cmd.data.background, dtype=torch.float32) if cmd.data.background is not None else None
     print(f"Loading {data_path} ...", flush=True)
-    scene = load_scene(data_path, downscale=cmd.data.downscale, background=background)
-    images, _ = scene.subset("train")
-    print(f"Scene {scene.name or data_path.name}: {len(scene.split['train'])} train / {len(scene.split.get('test', []))} test views at {images.shape[2]}x{images.shape[1]}")
+    scene = method_cls.load_data(data_path, downscale=cmd.data.downscale, background=background)
+    if hasattr(scene, "subset"):
+        images, _ = scene.subset("train")
+        print(f"Scene {scene.name or data_path.name}: {len(scene.split['train'])} train / {len(scene.split.get('test', []))} test views at {images.shape[2]}x{images.shape[1]}")
 
-    config_cls, method_cls = load_method_classes(method_name)
     method_config = getattr(cmd, method_name, None) or config_cls()
     trainer_config = TrainerConfig(max_steps=max_steps, eval_every=cmd.eval_every, save_every=cmd.save_every, seed=cmd.seed)
     record = RunRecord(
@@ -133,8 +132,8 @@ def run_train(cmd: TrainCommand) -> Path:
 
     seed_everything(cmd.seed)
     method = method_cls(method_config, scene, max_steps=max_steps, backend=cmd.backend, seed=cmd.seed)
-    eval_images, eval_cameras = scene.subset("test") if "test" in scene.split else (None, None)
-    trainer = Trainer(method, run_dir, trainer_config, eval_images, eval_cameras)
+    held_out = method.held_out_views()
+    trainer = Trainer(method, run_dir, trainer_config, *(held_out or (None, None)))
     if cmd.resume:
         print(f"Resuming from step {trainer.resume()}")
     print(f"Run folder: {run_dir}")

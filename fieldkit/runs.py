@@ -94,14 +94,14 @@ def _is_tuple_type(kind: Any) -> bool:
 
 
 def load_scene_for(record: RunRecord):
-    from fieldkit.data import load_scene
-
+    """Re-read the run's training data with the options it was trained with."""
     options = dataclass_from_dict(DataOptions, record.data_options)
     background = torch.tensor(options.background, dtype=torch.float32) if options.background is not None else None
     data = Path(record.data)
     if not data.exists():
-        raise FileNotFoundError(f"the run's data folder {data} no longer exists; restore it to evaluate or render this run")
-    return load_scene(data, downscale=options.downscale, background=background)
+        raise FileNotFoundError(f"the run's data {data} no longer exists; restore it to evaluate or render this run")
+    _, method_cls = load_method_classes(record.method)
+    return method_cls.load_data(data, downscale=options.downscale, background=background)
 
 
 def build_method(record: RunRecord, scene, backend: str | None = None):

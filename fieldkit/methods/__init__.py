@@ -18,6 +18,16 @@ def describe_methods() -> str:
     return "; ".join(f"{name}: {entry[3]}" for name, entry in REGISTRY.items())
 
 
+def default_method_for(path) -> str:
+    """The method a data folder implies: a .csl file (or a folder holding one) -> orex, else gs."""
+    from pathlib import Path
+
+    path = Path(path)
+    if "orex" in REGISTRY and (path.suffix.lower() == ".csl" or (path.is_dir() and any(path.glob("*.csl")))):
+        return "orex"
+    return "gs"
+
+
 def load_method_classes(name: str):
     """(config class, method class) for a registered method name."""
     if name not in REGISTRY:

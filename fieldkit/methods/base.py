@@ -39,6 +39,20 @@ class Method(ABC):
 
     export_formats: tuple[str, ...] = ()
 
+    @classmethod
+    def load_data(cls, path: Path, downscale: int = 1, background: Tensor | None = None) -> Any:
+        """Read the training data this method consumes (posed images by default)."""
+        from fieldkit.data import load_scene
+
+        return load_scene(path, downscale=downscale, background=background)
+
+    def held_out_views(self) -> tuple[Tensor, Cameras] | None:
+        """(images, cameras) the trainer evaluates on periodically, or None."""
+        scene = getattr(self, "scene", None)
+        if scene is None or "test" not in getattr(scene, "split", {}):
+            return None
+        return scene.subset("test")
+
     def stats(self) -> dict[str, float]:
         """Extra numbers for the progress bar and viewer (e.g. Gaussian count)."""
         return {}

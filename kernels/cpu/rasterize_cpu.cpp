@@ -131,19 +131,16 @@ void project_backward(int64_t C, int64_t N, const T* means, const T* quats, cons
 // =============================================================================================
 namespace {
 
-// One tile's Gaussians gathered into contiguous arrays (structure of arrays), so the per-pixel
-// loop streams memory instead of chasing gaussian_ids.
+// One tile's Gaussians gathered into contiguous arrays (structure of arrays), with the pixel box
+// of each (tile-local, inclusive; empty when x0 > x1).
 template <typename T>
 struct TileSplats {
     std::vector<T> mx, my, ca, cb, cc, op, feat;
+    std::vector<int> bx0, bx1, by0, by1;
     void gather(const int64_t* ids, int64_t count, int64_t D, const T* means2d, const T* conics, const T* opacities,
-                const T* features) {
-        mx.resize(count);
-        my.resize(count);
-        ca.resize(count);
-        cb.resize(count);
-        cc.resize(count);
-        op.resize(count);
+                const T* features, int64_t tile_x0, int64_t tile_y0, int64_t tile_w, int64_t tile_h) {
+        for (auto* v : {&mx, &my, &ca, &cb, &cc, &op}) v->resize(count);
+        for (auto* v : {&bx0, &bx1, &by0, &by1}) v->resize(count);
         feat.resize(count * D);
         for (int64_t l = 0; l < count; ++l) {
             const int64_t g = ids[l];
@@ -154,12 +151,22 @@ struct TileSplats {
             cc[l] = conics[3 * g + 2];
             op[l] = opacities[g];
             std::memcpy(feat.data() + l * D, features + g * D, sizeof(T) * D);
+            int x0, x1, y0, y1;
+            if (splat_pixel_box<double>(mx[l], my[l], ca[l], cb[l], cc[l], op[l], &x0, &x1, &y0, &y1)) {
+                bx0[l] = int(std::max<int64_t>(int64_t(x0) - tile_x0, 0));
+                bx1[l] = int(std::min<int64_t>(int64_t(x1) - tile_x0, tile_w - 1));
+                by0[l] = int(std::max<int64_t>(int64_t(y0) - tile_y0, 0));
+                by1[l] = int(std::min<int64_t>(int64_t(y1) - tile_y0, tile_h - 1));
+            } else {
+                bx0[l] = by0[l] = 0;
+                bx1[l] = by1[l] = -1;
+            }
         }
     }
 };
 
 struct TileGeometry {
-    int64_t camera, x0, y0, x1, y1;  // pixel rectangle [x0,x1) x [y0,y1), clipped to the image
+    int64_t camera, x0, y0, w, h;  // pixel rectangle [x0, x0+w) x [y0, y0+h), clipped to the image
 };
 
 inline TileGeometry tile_geometry(int64_t tile, int width, int height, int tiles_x, int tiles_y, int tile_size) {
@@ -169,12 +176,15 @@ inline TileGeometry tile_geometry(int64_t tile, int width, int height, int tiles
     g.camera = tile / per_cam;
     g.x0 = (local % tiles_x) * tile_size;
     g.y0 = (local / tiles_x) * tile_size;
-    g.x1 = std::min<int64_t>(g.x0 + tile_size, width);
-    g.y1 = std::min<int64_t>(g.y0 + tile_size, height);
+    g.w = std::max<int64_t>(std::min<int64_t>(g.x0 + tile_size, width) - g.x0, 0);
+    g.h = std::max<int64_t>(std::min<int64_t>(g.y0 + tile_size, height) - g.y0, 0);
     return g;
 }
 
-// DT > 0: channel count known at compile time; DT == 0: any D (runtime loop, heap scratch).
+// Forward, one tile at a time. Splats are the outer loop (front to back) and each visits only
+// the pixels of its box, keeping per-pixel state (T, accumulated features, last index, done);
+// this is, per pixel, exactly the sequential walk of the reference.
+// DT > 0: channel count known at compile time; DT == 0: any D.
 template <typename T, int DT>
 void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* means2d, const T* conics,
                             const T* opacities, const T* features, const T* background, const int64_t* gaussian_ids,
@@ -182,51 +192,73 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
                             int tile_size, T* image, T* alpha_out, T* final_T, int64_t* last_index, int nt) {
     const int64_t D = DT > 0 ? DT : D_runtime;
     const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
-    const T t_min = CompositeConstants<T>::transmittance_min();
+    const int64_t P_max = int64_t(tile_size) * tile_size;
 #pragma omp parallel num_threads(nt)
     {
         TileSplats<T> splats;
-        std::vector<T> acc_heap(DT > 0 ? 0 : D);
+        std::vector<T> trans(P_max), acc(P_max * D);
+        std::vector<int64_t> last(P_max);
+        std::vector<unsigned char> done(P_max);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < num_tiles; ++tile) {
             const TileGeometry geo = tile_geometry(tile, width, height, tiles_x, tiles_y, tile_size);
+            const int64_t P = geo.w * geo.h;
+            if (P == 0) continue;
             const int64_t start = tile_offsets[tile], count = tile_offsets[tile + 1] - start;
-            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features);
-            const T* bg = background + geo.camera * D;
-            T acc_stack[DT > 0 ? DT : 1];
-            T* acc = DT > 0 ? acc_stack : acc_heap.data();
-            for (int64_t py = geo.y0; py < geo.y1; ++py) {
-                for (int64_t px = geo.x0; px < geo.x1; ++px) {
-                    const T fx = T(px - geo.x0) + T(0.5) + T(geo.x0);
-                    const T fy = T(py - geo.y0) + T(0.5) + T(geo.y0);
-                    for (int64_t d = 0; d < D; ++d) acc[d] = T(0);
-                    T trans = T(1);
-                    int64_t last = -1;
-                    for (int64_t l = 0; l < count; ++l) {
+            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features, geo.x0, geo.y0, geo.w,
+                          geo.h);
+            std::fill(trans.begin(), trans.begin() + P, T(1));
+            std::fill(acc.begin(), acc.begin() + P * D, T(0));
+            std::fill(last.begin(), last.begin() + P, int64_t(-1));
+            std::fill(done.begin(), done.begin() + P, 0);
+            int64_t n_done = 0;
+            for (int64_t l = 0; l < count && n_done < P; ++l) {
+                const T* f = splats.feat.data() + l * D;
+                for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
+                    const T py = T(yy) + T(0.5) + T(geo.y0);
+                    for (int64_t xx = splats.bx0[l]; xx <= splats.bx1[l]; ++xx) {
+                        const int64_t p = yy * geo.w + xx;
+                        if (done[p]) continue;
+                        const T px = T(xx) + T(0.5) + T(geo.x0);
                         T dx, dy, vis, alpha_raw, alpha;
-                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l], splats.op[l],
-                                         fx, fy, &dx, &dy, &vis, &alpha_raw, &alpha))
+                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l],
+                                         splats.op[l], px, py, &dx, &dy, &vis, &alpha_raw, &alpha))
                             continue;
-                        const T next_T = trans * (T(1) - alpha);
-                        if (next_T <= t_min) break;
-                        const T w = alpha * trans;
-                        const T* f = splats.feat.data() + l * D;
-                        for (int64_t d = 0; d < D; ++d) acc[d] += w * f[d];
-                        trans = next_T;
-                        last = start + l;
+                        const T next_T = trans[p] * (T(1) - alpha);
+                        if (transmittance_exhausted(next_T)) {
+                            done[p] = 1;
+                            ++n_done;
+                            continue;
+                        }
+                        const T w = alpha * trans[p];
+                        T* a = acc.data() + p * D;
+                        for (int64_t d = 0; d < D; ++d) a[d] += w * f[d];
+                        trans[p] = next_T;
+                        last[p] = start + l;
                     }
-                    const int64_t pix = (geo.camera * height + py) * width + px;
+                }
+            }
+            const T* bg = background + geo.camera * D;
+            for (int64_t yy = 0; yy < geo.h; ++yy) {
+                for (int64_t xx = 0; xx < geo.w; ++xx) {
+                    const int64_t p = yy * geo.w + xx;
+                    const int64_t pix = (geo.camera * height + geo.y0 + yy) * width + geo.x0 + xx;
                     T* out = image + pix * D;
-                    for (int64_t d = 0; d < D; ++d) out[d] = acc[d] + trans * bg[d];
-                    alpha_out[pix] = T(1) - trans;
-                    final_T[pix] = trans;
-                    last_index[pix] = last;
+                    const T* a = acc.data() + p * D;
+                    for (int64_t d = 0; d < D; ++d) out[d] = a[d] + trans[p] * bg[d];
+                    alpha_out[pix] = T(1) - trans[p];
+                    final_T[pix] = trans[p];
+                    last_index[pix] = last[p];
                 }
             }
         }
     }
 }
 
+// Backward, one tile at a time: splats back to front (from the largest last index of the tile),
+// each pixel starting at its own last index with its final T, and recovering the transmittance
+// in front of each splat as T_i = T_{i+1} / (1 - alpha_i). One splat's gradient is summed over
+// its pixels in registers and written once to its intersection row (no sharing between threads).
 template <typename T, int DT>
 void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M, const T* means2d, const T* conics,
                              const T* opacities, const T* features, const T* background, const int64_t* gaussian_ids,
@@ -236,58 +268,76 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M,
     const int64_t D = DT > 0 ? DT : D_runtime;
     const int64_t K = 6 + D;  // per intersection row: mean2d (2), conic (3), opacity (1), features (D)
     const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
+    const int64_t P_max = int64_t(tile_size) * tile_size;
     std::vector<T> rows(size_t(M * K));
 
 #pragma omp parallel num_threads(nt)
     {
         TileSplats<T> splats;
-        std::vector<T> g_heap(DT > 0 ? 0 : D);
+        std::vector<T> trans(P_max), t_final(P_max), g(P_max * D), g_bg(P_max), g_behind(P_max), va(P_max);
+        std::vector<int64_t> last(P_max);
+        std::vector<T> row_acc(K);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < num_tiles; ++tile) {
             const int64_t start = tile_offsets[tile], count = tile_offsets[tile + 1] - start;
             if (count == 0) continue;
-            const TileGeometry geo = tile_geometry(tile, width, height, tiles_x, tiles_y, tile_size);
-            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features);
             T* tile_rows = rows.data() + start * K;
             std::fill(tile_rows, tile_rows + count * K, T(0));
+            const TileGeometry geo = tile_geometry(tile, width, height, tiles_x, tiles_y, tile_size);
+            const int64_t P = geo.w * geo.h;
+            if (P == 0) continue;
             const T* bg = background + geo.camera * D;
-            T g_stack[DT > 0 ? DT : 1];
-            T* g = DT > 0 ? g_stack : g_heap.data();
-            for (int64_t py = geo.y0; py < geo.y1; ++py) {
-                for (int64_t px = geo.x0; px < geo.x1; ++px) {
-                    const int64_t pix = (geo.camera * height + py) * width + px;
-                    const int64_t last = last_index[pix];
-                    if (last < start) continue;  // nothing blended here
-                    const T fx = T(px - geo.x0) + T(0.5) + T(geo.x0);
-                    const T fy = T(py - geo.y0) + T(0.5) + T(geo.y0);
-                    const T T_final = final_T[pix];
-                    const T va = v_alpha[pix];
-                    T g_bg = T(0);
+            int64_t max_last = -1;
+            for (int64_t yy = 0; yy < geo.h; ++yy) {
+                for (int64_t xx = 0; xx < geo.w; ++xx) {
+                    const int64_t p = yy * geo.w + xx;
+                    const int64_t pix = (geo.camera * height + geo.y0 + yy) * width + geo.x0 + xx;
+                    last[p] = last_index[pix] >= start ? last_index[pix] - start : -1;
+                    max_last = std::max(max_last, last[p]);
+                    trans[p] = t_final[p] = final_T[pix];
+                    va[p] = v_alpha[pix];
+                    g_behind[p] = T(0);
+                    T gb = T(0);
                     for (int64_t d = 0; d < D; ++d) {
-                        g[d] = v_image[pix * D + d];
-                        g_bg += g[d] * bg[d];
+                        g[p * D + d] = v_image[pix * D + d];
+                        gb += g[p * D + d] * bg[d];
                     }
-                    T trans = T_final;  // transmittance after the current Gaussian
-                    T g_behind = T(0);
-                    for (int64_t l = last - start; l >= 0; --l) {
+                    g_bg[p] = gb;
+                }
+            }
+            if (max_last < 0) continue;
+            splats.gather(gaussian_ids + start, max_last + 1, D, means2d, conics, opacities, features, geo.x0, geo.y0,
+                          geo.w, geo.h);
+            for (int64_t l = max_last; l >= 0; --l) {
+                const T* f = splats.feat.data() + l * D;
+                std::fill(row_acc.begin(), row_acc.end(), T(0));
+                T* r = row_acc.data();
+                bool touched = false;
+                for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
+                    const T py = T(yy) + T(0.5) + T(geo.y0);
+                    for (int64_t xx = splats.bx0[l]; xx <= splats.bx1[l]; ++xx) {
+                        const int64_t p = yy * geo.w + xx;
+                        if (l > last[p]) continue;  // behind this pixel's last blended splat
+                        const T px = T(xx) + T(0.5) + T(geo.x0);
                         T dx, dy, vis, alpha_raw, alpha;
-                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l], splats.op[l],
-                                         fx, fy, &dx, &dy, &vis, &alpha_raw, &alpha))
+                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l],
+                                         splats.op[l], px, py, &dx, &dy, &vis, &alpha_raw, &alpha))
                             continue;
-                        const T T_i = trans / (T(1) - alpha);
-                        const T* f = splats.feat.data() + l * D;
+                        touched = true;
+                        const T T_i = trans[p] / (T(1) - alpha);
+                        const T* gp = g.data() + p * D;
                         T g_f = T(0);
-                        for (int64_t d = 0; d < D; ++d) g_f += g[d] * f[d];
-                        const T v_al = blend_alpha_vjp(alpha, T_i, g_f, g_behind, g_bg, va, T_final);
+                        for (int64_t d = 0; d < D; ++d) g_f += gp[d] * f[d];
+                        const T v_al = blend_alpha_vjp(alpha, T_i, g_f, g_behind[p], g_bg[p], va[p], t_final[p]);
                         const T w = alpha * T_i;
-                        T* row = tile_rows + l * K;
-                        for (int64_t d = 0; d < D; ++d) row[6 + d] += w * g[d];
-                        g_behind += w * g_f;
+                        for (int64_t d = 0; d < D; ++d) r[6 + d] += w * gp[d];
+                        g_behind[p] += w * g_f;
                         splat_alpha_vjp(dx, dy, splats.ca[l], splats.cb[l], splats.cc[l], splats.op[l], vis, alpha_raw,
-                                        v_al, row, row + 2, row + 5);
-                        trans = T_i;
+                                        v_al, r, r + 2, r + 5);
+                        trans[p] = T_i;
                     }
                 }
+                if (touched) std::memcpy(tile_rows + l * K, r, sizeof(T) * K);
             }
         }
     }
@@ -296,7 +346,7 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M,
     const int64_t G = C * N;
     std::vector<int64_t> begin(size_t(G + 1), 0);
     for (int64_t k = 0; k < M; ++k) ++begin[gaussian_ids[k] + 1];
-    for (int64_t g = 0; g < G; ++g) begin[g + 1] += begin[g];
+    for (int64_t gi = 0; gi < G; ++gi) begin[gi + 1] += begin[gi];
     std::vector<int64_t> order(static_cast<size_t>(M));
     {
         std::vector<int64_t> fill(begin.begin(), begin.end() - 1);
@@ -306,19 +356,19 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M,
     {
         std::vector<T> sum(K);
 #pragma omp for schedule(static)
-        for (int64_t g = 0; g < G; ++g) {
+        for (int64_t gi = 0; gi < G; ++gi) {
             std::fill(sum.begin(), sum.end(), T(0));
-            for (int64_t e = begin[g]; e < begin[g + 1]; ++e) {
+            for (int64_t e = begin[gi]; e < begin[gi + 1]; ++e) {
                 const T* row = rows.data() + order[e] * K;
                 for (int64_t k = 0; k < K; ++k) sum[k] += row[k];
             }
-            v_means2d[2 * g] = sum[0];
-            v_means2d[2 * g + 1] = sum[1];
-            v_conics[3 * g] = sum[2];
-            v_conics[3 * g + 1] = sum[3];
-            v_conics[3 * g + 2] = sum[4];
-            v_opacities[g] = sum[5];
-            for (int64_t d = 0; d < D; ++d) v_features[g * D + d] = sum[6 + d];
+            v_means2d[2 * gi] = sum[0];
+            v_means2d[2 * gi + 1] = sum[1];
+            v_conics[3 * gi] = sum[2];
+            v_conics[3 * gi + 1] = sum[3];
+            v_conics[3 * gi + 2] = sum[4];
+            v_opacities[gi] = sum[5];
+            for (int64_t d = 0; d < D; ++d) v_features[gi * D + d] = sum[6 + d];
         }
     }
 }

@@ -32,17 +32,56 @@ FK_HD bool splat_alpha(T mx, T my, T ca, T cb, T cc, T opacity, T px, T py, T* d
     const T dx = mx - px;
     const T dy = my - py;
     const T sigma = T(0.5) * (ca * dx * dx + cc * dy * dy) + cb * dx * dy;
-    if (sigma < T(0)) return false;
+    if (!(sigma >= T(0))) return false;  // written so that NaN is skipped, as in the reference
     const T vis = fk_exp(-sigma);
     const T alpha_raw = opacity * vis;
     const T alpha = fk_min(alpha_raw, CompositeConstants<T>::alpha_max());
-    if (alpha < CompositeConstants<T>::alpha_min()) return false;
+    if (!(alpha >= CompositeConstants<T>::alpha_min())) return false;
     *dx_out = dx;
     *dy_out = dy;
     *vis_out = vis;
     *alpha_raw_out = alpha_raw;
     *alpha_out = alpha;
     return true;
+}
+
+// Transmittance stop: true when the Gaussian that would bring T to next_T must not be blended
+// (and the pixel is finished).
+template <typename T>
+FK_HD bool transmittance_exhausted(T next_T) {
+    return !(next_T > CompositeConstants<T>::transmittance_min());
+}
+
+// Conservative pixel box of a splat: pixels (global column X, row Y; centre X+0.5, Y+0.5) outside
+// [x0,x1] x [y0,y1] have opacity exp(-sigma) below 1/255 with a margin, so splat_alpha would skip
+// them. Used to visit only the pixels a splat can touch; forward and backward use the same box,
+// so they always agree on which (pixel, splat) pairs are evaluated. Returns false when the box is
+// empty. A conic that is not positive definite gives the unbounded box (caller clamps to the tile).
+// C is the compute type of the bound (double on CPU).
+template <typename C, typename T>
+FK_HD bool splat_pixel_box(T mx, T my, T ca, T cb, T cc, T opacity, int* x0, int* x1, int* y0, int* y1) {
+    const C op = C(opacity);
+    // alpha <= opacity (sigma >= 0), so below 1/255 the splat is never blended (margin: rounding).
+    if (!(op * C(255) >= C(0.999))) return false;
+    C tau = log(C(255) * op);  // sigma must stay below tau for alpha >= 1/255
+    tau = fk_max(tau + C(1e-3) * (tau < C(0) ? -tau : tau) + C(1e-2), C(1e-2));
+    const C a = C(ca), b = C(cb), c = C(cc);
+    const C det = a * c - b * b;
+    const int kBig = 1 << 30;
+    *x0 = *y0 = -kBig;
+    *x1 = *y1 = kBig;
+    if (a > C(0) && c > C(0) && det > C(0)) {
+        // Ellipse 0.5 d^T Q d <= tau: half extents sqrt(2 tau (Q^-1)_xx), sqrt(2 tau (Q^-1)_yy), + 1 px margin.
+        const C ex = sqrt(C(2) * tau * c / det) + C(1);
+        const C ey = sqrt(C(2) * tau * a / det) + C(1);
+        if (ex < C(1e8) && ey < C(1e8) && C(mx) == C(mx) && C(my) == C(my) && fabs(C(mx)) < C(1e8) && fabs(C(my)) < C(1e8)) {
+            *x0 = int(ceil(C(mx) - ex - C(0.5)));
+            *x1 = int(floor(C(mx) + ex - C(0.5)));
+            *y0 = int(ceil(C(my) - ey - C(0.5)));
+            *y1 = int(floor(C(my) + ey - C(0.5)));
+        }
+    }
+    return *x0 <= *x1 && *y0 <= *y1;
 }
 
 // Gradient of the composited pixel w.r.t. one Gaussian's alpha, walking back to front.
