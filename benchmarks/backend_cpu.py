@@ -9,7 +9,8 @@ tests draw them (scales = rand * 0.02, quats = normalize(randn), opacities = ran
 
 Reports the median over --repeats runs of: projection forward, tile intersection (shared, not
 differentiable), compositing forward, and the backward of both stages (loss = sum of image and
-alpha times fixed random weights), for each backend, and the speed-up.
+alpha times fixed random weights), for each backend, and the speed-up. The cpu column bins tiles
+with the native intersect_tiles_cpu (identical lists to the torch intersect_tiles).
 """
 
 from __future__ import annotations
@@ -50,7 +51,7 @@ def load_scene(path: Path, n: int, cameras: int, seed: int = 42):
     return means, quats, scales, opacities, colors, viewmats, Ks, int(data["width"]), int(data["height"])
 
 
-def run_once(project, composite, scene, weights):
+def run_once(project, intersect, composite, scene, weights):
     means, quats, scales, opacities, colors, viewmats, Ks, W, H = scene
     C, N = viewmats.shape[0], means.shape[0]
     params = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, colors)]
@@ -59,7 +60,7 @@ def run_once(project, composite, scene, weights):
     t0 = time.perf_counter()
     proj = project(m, q, s, viewmats, Ks, W, H)
     t1 = time.perf_counter()
-    isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, W, H)
+    isect = intersect(proj.means2d, proj.radii, proj.depths, W, H)
     t2 = time.perf_counter()
     features = torch.cat([col[None].expand(C, N, 3), proj.depths[..., None]], dim=-1)
     background = torch.zeros(C, 4)
@@ -92,11 +93,15 @@ def main() -> None:
     ok, reason = cpu_backend.is_available()
     if not ok:
         raise SystemExit(f"cpu backend unavailable: {reason}")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; extension load {cpu_backend.build_seconds:.1f} s")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads; extension load "
+        f"{cpu_backend.build_seconds:.1f} s; compositing build: {cpu_backend.extension().simd_level()}; "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs"
+    )
 
     backends = {
-        "torch": (project_gaussians, composite_tiles),
-        "cpu": (cpu_backend.project_gaussians_cpu, cpu_backend.composite_tiles_cpu),
+        "torch": (project_gaussians, intersect_tiles, composite_tiles),
+        "cpu": (cpu_backend.project_gaussians_cpu, cpu_backend.intersect_tiles_cpu, cpu_backend.composite_tiles_cpu),
     }
     for n in args.sizes:
         scene = load_scene(args.data, n, args.cameras)
@@ -104,13 +109,13 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         weights = (torch.randn(args.cameras, H, W, 4, generator=g), torch.randn(args.cameras, H, W, 1, generator=g))
         results, outputs = {}, {}
-        for name, (project, composite) in backends.items():
+        for name, (project, intersect, composite) in backends.items():
             if name == "torch" and n > args.skip_torch_above:
                 continue
-            run_once(project, composite, scene, weights)  # warm-up
+            run_once(project, intersect, composite, scene, weights)  # warm-up
             runs = []
             for _ in range(args.repeats):
-                times, m, image, grads = run_once(project, composite, scene, weights)
+                times, m, image, grads = run_once(project, intersect, composite, scene, weights)
                 runs.append(times)
             results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
             outputs[name] = (image, grads)
@@ -118,13 +123,15 @@ def main() -> None:
         print(f"{'stage':<18}" + "".join(f"{k:>12}" for k in results) + ("   speed-up" if len(results) == 2 else ""))
         for stage in results[next(iter(results))]:
             row = f"{stage:<18}" + "".join(f"{results[k][stage] * 1e3:>10.1f}ms" for k in results)
-            if len(results) == 2 and stage != "intersect":
+            if len(results) == 2:
                 row += f"   {results['torch'][stage] / results['cpu'][stage]:>7.1f}x"
             print(row)
         if len(outputs) == 2:
             (ir, gr), (ic, gc) = outputs["torch"], outputs["cpu"]
             errs = [((a - b).abs().max() / b.abs().max().clamp_min(1e-12)).item() for a, b in zip(gc, gr)]
-            print(f"parity: image max|diff| {(ir - ic).abs().max().item():.2e}; grad rel err "
+            off = ((ir - ic).abs().amax(-1) > 1e-4).sum().item()
+            print(f"parity: image max|diff| {(ir - ic).abs().max().item():.2e} ({off} of {ir[..., 0].numel()} pixels "
+                  "off by > 1e-4: float32 rounding flips the alpha >= 1/255 test of a few splats); grad rel err "
                   + ", ".join(f"{k} {e:.1e}" for k, e in zip(("means", "quats", "scales", "opacities", "colors"), errs)))
 
 

@@ -18,10 +18,15 @@ from fieldkit import __version__
 from fieldkit.io_atomic import atomic_path
 from fieldkit.methods import default_method_for, describe_methods, load_method_classes
 from fieldkit.methods.gs import GSConfig
+from fieldkit.methods.orex import OReXConfig
+from fieldkit.shapes.cli_slice import SliceCommand, run_slice
+from fieldkit.methods.nerf import NerfConfig
 from fieldkit.runs import DataOptions, RunRecord, default_run_dir, load_run, read_record, write_record
+from fieldkit.regress import RegressCommand, run_regress
 from fieldkit.trainer import Trainer, TrainerConfig
+from fieldkit.viewer.command import ViewCommand, run_view
 
-MethodName = Literal["gs"]
+MethodName = Literal["gs", "nerf", "orex"]
 BackendName = Literal["auto", "torch", "cpu", "cuda", "gsplat"]
 
 
@@ -44,8 +49,18 @@ class TrainCommand:
     """Continue from the newest checkpoint in --output."""
     eval_every: int = 1000
     save_every: int = 2000
+    viewer: bool = False
+    """Watch training live in the browser (viser); the viewer stays up after training until Ctrl-C."""
+    viewer_host: str = "127.0.0.1"
+    """Interface the viewer binds (0.0.0.0 exposes it to the network)."""
+    viewer_port: int = 8080
+    """Viewer port; 0 picks a free one (the URL is printed)."""
+    s3im_weight: Optional[float] = None
+    """S3IM loss weight for the chosen method (sets --gs.s3im-weight or --nerf.s3im-weight)."""
     data: DataOptions = field(default_factory=DataOptions)
     gs: GSConfig = field(default_factory=GSConfig)
+    orex: OReXConfig = field(default_factory=OReXConfig)
+    nerf: NerfConfig = field(default_factory=NerfConfig)
 
 
 @dataclass
@@ -57,6 +72,8 @@ class EvalCommand:
     backend: Optional[BackendName] = None
     output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
     """Where to write the JSON (default: <run>/eval.json)."""
+    reference: Optional[Path] = None
+    """Shape methods (orex): reference mesh for IoU / Chamfer-L1 / Hausdorff (default: reference/<name>*.stl beside the .csl)."""
 
 
 @dataclass
@@ -72,10 +89,10 @@ class RenderCommand:
 
 @dataclass
 class ExportCommand:
-    """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte)."""
+    """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte); orex: mesh (.obj/.ply/.stl/.glb from the -o suffix)."""
 
     run: tyro.conf.Positional[Path]
-    format: Literal["ply", "splat"] = "ply"
+    format: Literal["ply", "splat", "mesh"] = "ply"
     output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
     """File to write (default: <run>/exports/model.<format>)."""
 
@@ -97,10 +114,12 @@ def run_train(cmd: TrainCommand) -> Path:
         raise FileNotFoundError(f"data folder {cmd.data_path} does not exist")
     hints = _scene_hints(data_path)
     method_name = cmd.method or hints.get("method") or default_method_for(data_path)
-    max_steps = cmd.max_steps or int(hints.get("max_steps", 7000))
+    max_steps = cmd.max_steps or int(hints.get("max_steps", getattr(load_method_classes(method_name)[1], "default_max_steps", 7000)))
     run_dir = cmd.output or default_run_dir(data_path, method_name)
     if cmd.resume and not (run_dir / "config.json").exists():
         raise FileNotFoundError(f"--resume needs an existing run folder with config.json, got {run_dir}")
+    if cmd.resume and cmd.max_steps is None:  # continue to the run's own target, not the 7000 default
+        max_steps = read_record(run_dir).max_steps
     if not cmd.resume and (run_dir / "checkpoints").exists() and any((run_dir / "checkpoints").iterdir()):
         raise FileExistsError(f"{run_dir} already holds a run; pass --resume to continue it or choose another --output")
 
@@ -113,6 +132,10 @@ def run_train(cmd: TrainCommand) -> Path:
         print(f"Scene {scene.name or data_path.name}: {len(scene.split['train'])} train / {len(scene.split.get('test', []))} test views at {images.shape[2]}x{images.shape[1]}")
 
     method_config = getattr(cmd, method_name, None) or config_cls()
+    if cmd.s3im_weight is not None:
+        if not hasattr(method_config, "s3im_weight"):
+            raise ValueError(f"method {method_name} has no S3IM loss (--s3im-weight)")
+        method_config = dataclasses.replace(method_config, s3im_weight=cmd.s3im_weight)
     trainer_config = TrainerConfig(max_steps=max_steps, eval_every=cmd.eval_every, save_every=cmd.save_every, seed=cmd.seed)
     record = RunRecord(
         method=method_name,
@@ -137,18 +160,30 @@ def run_train(cmd: TrainCommand) -> Path:
     if cmd.resume:
         print(f"Resuming from step {trainer.resume()}")
     print(f"Run folder: {run_dir}")
+    viewer = None
+    if cmd.viewer:
+        from fieldkit.viewer import start_training_viewer
+
+        viewer = start_training_viewer(trainer, run_dir, host=cmd.viewer_host, port=cmd.viewer_port)
     started = time.perf_counter()
     ckpt = trainer.train()
+    if hasattr(method, "after_training"):  # e.g. orex meshes its field into the run folder
+        method.after_training(run_dir)
     print(f"Done in {time.perf_counter() - started:.1f} s. Checkpoint: {ckpt}")
     print(f"Run folder: {run_dir}\nNext: fieldkit eval {run_dir}")
+    if viewer is not None:
+        print(f"Viewer still serving the trained model at {viewer.url}; Ctrl-C to exit.", flush=True)
+        viewer.wait()
     return run_dir
 
 
-def evaluate_run(run: Path, split: str = "test", backend: str | None = None) -> dict:
+def evaluate_run(run: Path, split: str = "test", backend: str | None = None, reference: Path | None = None) -> dict:
     """Per-image PSNR/SSIM on a split, averaged in nerfstudio's ns-eval shape."""
     from fieldkit.metrics import psnr, ssim
 
     method, scene, record, step = load_run(run, backend)
+    if hasattr(method, "evaluate"):  # shape methods (orex): metrics against a reference mesh, not images
+        return {"experiment_name": Path(record.data).name, "method_name": record.method, "checkpoint": f"step-{step:09d}", **method.evaluate(reference=reference)}
     images, cameras = scene.subset(split)
     psnrs, ssims, seconds = [], [], []
     for i in range(len(cameras)):
@@ -180,11 +215,16 @@ def evaluate_run(run: Path, split: str = "test", backend: str | None = None) -> 
 
 
 def run_eval(cmd: EvalCommand) -> dict:
-    report = evaluate_run(cmd.run, cmd.split, cmd.backend)
+    report = evaluate_run(cmd.run, cmd.split, cmd.backend, reference=cmd.reference)
     out = cmd.output or cmd.run / "eval.json"
     with atomic_path(out) as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     r = report["results"]
+    if "psnr" not in r:  # shape metrics
+        for key, value in r.items():
+            print(f"{key:<22}{value:>12.5f}" if isinstance(value, float) else f"{key:<22}{value!s:>12}")
+        print(f"{report['checkpoint']}; wrote {out}")
+        return report
     print(f"{'metric':<18}{'mean':>12}{'std':>12}")
     for key in ("psnr", "ssim", "num_rays_per_sec"):
         print(f"{key:<18}{r[key]:>12.4f}{r.get(key + '_std', 0.0):>12.4f}")
@@ -223,6 +263,9 @@ COMMANDS = {
     "eval": (EvalCommand, run_eval),
     "render": (RenderCommand, run_render),
     "export": (ExportCommand, run_export),
+    "slice": (SliceCommand, run_slice),
+    "view": (ViewCommand, run_view),
+    "regress": (RegressCommand, run_regress),
 }
 
 
@@ -238,11 +281,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     runner = next(run for cls, run in COMMANDS.values() if isinstance(cmd, cls))
     try:
-        runner(cmd)
+        result = runner(cmd)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         print(f"fieldkit: error: {error}", file=sys.stderr)
         return 2
-    return 0
+    return result if type(result) is int else 0  # regress returns 1 when images drifted
 
 
 if __name__ == "__main__":

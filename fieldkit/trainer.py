@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import signal
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,8 +52,23 @@ def save_checkpoint(run_dir: Path, step: int, method: Method) -> Path:
     path = checkpoint_path(run_dir, step)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
-        torch.save({"step": step, "method": method.name, "state": method.state_dict()}, tmp)
+        torch.save({"step": step, "method": method.name, "state": method.state_dict(), "rng": _rng_state()}, tmp)
     return path
+
+
+def _rng_state() -> dict[str, Any]:
+    """torch's global RNG state (CPU, and CUDA when in use): methods may draw from it (e.g. 3DGS splits)."""
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -60,10 +76,45 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-class Trainer:
-    """Runs ``method.train_step`` for the configured steps and keeps the run folder up to date."""
+class TurnLock:
+    """A first-come, first-served lock: a viewer waiting to render gets it right after the current step.
 
-    def __init__(self, method: Method, run_dir: Path, config: TrainerConfig, eval_images=None, eval_cameras=None):
+    (``threading.Lock`` is not fair: a loop that releases and re-acquires it can starve waiters.)
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._next = 0
+        self._serving = 0
+
+    def acquire(self) -> None:
+        with self._cond:
+            ticket, self._next = self._next, self._next + 1
+            while ticket != self._serving:
+                self._cond.wait()
+
+    def release(self) -> None:
+        with self._cond:
+            self._serving += 1
+            self._cond.notify_all()
+
+    def __enter__(self) -> "TurnLock":
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class Trainer:
+    """Runs ``method.train_step`` for the configured steps and keeps the run folder up to date.
+
+    Viewer interface: ``lock`` is held during each step (render under it to see a consistent
+    model), ``pause()``/``resume_training()`` hold the loop between steps, and each of ``hooks`` gets
+    ``on_step(step, stats)`` after every step and, if it has one, ``on_train_end(step)``.
+    """
+
+    def __init__(self, method: Method, run_dir: Path, config: TrainerConfig, eval_images=None, eval_cameras=None, hooks=None):
         self.method = method
         self.run_dir = Path(run_dir)
         self.config = config
@@ -72,6 +123,20 @@ class Trainer:
         self.start_step = 0
         self.metrics_path = self.run_dir / "metrics.jsonl"
         self._interrupted = False
+        self.hooks = list(hooks or [])
+        self.lock = TurnLock()
+        self._running = threading.Event()
+        self._running.set()
+
+    def pause(self) -> None:
+        self._running.clear()
+
+    def resume_training(self) -> None:
+        self._running.set()
+
+    @property
+    def paused(self) -> bool:
+        return not self._running.is_set()
 
     def resume(self) -> int:
         """Load the newest checkpoint in the run folder, if any; returns the step to continue from."""
@@ -82,7 +147,13 @@ class Trainer:
         if ckpt.get("method") != self.method.name:
             raise ValueError(f"{path} was written by method {ckpt.get('method')!r}, not {self.method.name!r}")
         self.method.load_state_dict(ckpt["state"])
+        _set_rng_state(ckpt.get("rng", {}))
         self.start_step = int(ckpt["step"])
+        # Drop records logged after the checkpoint (a crash between saves), so steps stay increasing.
+        records = read_metrics(self.metrics_path)
+        if any(r.get("step", 0) > self.start_step for r in records):
+            with atomic_path(self.metrics_path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in records if r.get("step", 0) <= self.start_step))
         return self.start_step
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -123,8 +194,15 @@ class Trainer:
         bar = tqdm(total=cfg.max_steps, initial=step, unit="step", dynamic_ncols=True, desc="train")
         try:
             while step < cfg.max_steps and not self._interrupted:
-                stats = self.method.train_step(step)
+                while not self._running.wait(0.05) and not self._interrupted:
+                    pass  # paused (by a viewer); Ctrl-C still stops cleanly
+                if self._interrupted:
+                    break
+                with self.lock:
+                    stats = self.method.train_step(step)
                 step += 1
+                for hook in self.hooks:
+                    hook.on_step(step, stats)
                 if step % cfg.log_every == 0 or step == cfg.max_steps:
                     extra = self.method.stats()
                     elapsed = time.perf_counter() - started
@@ -144,6 +222,9 @@ class Trainer:
             bar.close()
             signal.signal(signal.SIGINT, previous_handler)
         path = save_checkpoint(self.run_dir, step, self.method)
+        for hook in self.hooks:
+            if hasattr(hook, "on_train_end"):
+                hook.on_train_end(step)
         plot_training_curves(self.metrics_path, self.run_dir / "training_curves.png")
         if self._interrupted:
             print(f"Interrupted at step {step}; checkpoint saved to {path}")

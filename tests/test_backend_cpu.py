@@ -2,8 +2,15 @@
 
 Tolerances (float32): forward |native - ref| <= 1e-4 + 1e-6 |ref| (the relative part only
 matters for large pixel coordinates of huge, mostly off-screen splats: one float32 ulp at 1e4 is
-1e-3); radii and alpha exactly equal where stated. Gradients: per tensor,
+1e-3); radii exactly equal. Gradients: per tensor,
 max |g_native - g_ref| / max(max |g_ref|, 1e-12) <= 1e-3. float64 runs use 1e-10 / 1e-9.
+
+Projection in float32: the native code evaluates the projection in double internally, while the
+float32 reference rounds every step; for needle-like Gaussians (scale ratio ~200) the reference's
+2x2 determinant cancels and its conics are off by up to ~2e-3 from the exact value (the native
+ones by ~1e-7). There the allowance is widened by the reference's own rounding error, measured
+by running the reference in float64: |native - ref32| <= tol + |ref32 - ref64| (same for the
+gradient relative error).
 
 The compositing tests feed both backends the *same* screen-space inputs and the same tile
 lists. End to end (projection feeding compositing) the two projections differ by float32
@@ -40,9 +47,12 @@ TOL = {
 }
 
 
-def assert_forward_close(native, ref, dtype, what):
+def assert_forward_close(native, ref, dtype, what, ref_exact=None):
+    """|native - ref| <= atol + rtol |ref| (+ |ref - ref_exact|, the reference's own rounding)."""
     tol = TOL[dtype]
     err = (native - ref).abs() - tol["fwd_rtol"] * ref.abs()
+    if ref_exact is not None:
+        err = err - (ref.double() - ref_exact).abs()
     assert err.max().item() <= tol["fwd_atol"], f"{what}: max |diff| {(native - ref).abs().max().item():.3g}"
 
 
@@ -50,13 +60,16 @@ def grad_rel_err(native, ref):
     return ((native - ref).abs().max() / ref.abs().max().clamp_min(1e-12)).item()
 
 
-def assert_grads_close(named_native, named_ref, dtype):
+def assert_grads_close(named_native, named_ref, dtype, named_exact=None):
     for name in named_ref:
         g_nat, g_ref = named_native[name], named_ref[name]
         assert g_nat is not None and g_ref is not None, name
         assert torch.isfinite(g_nat).all(), f"{name}: non-finite native gradient"
         err = grad_rel_err(g_nat, g_ref)
-        assert err <= TOL[dtype]["grad_rel"], f"grad {name}: relative error {err:.3g}"
+        allowed = TOL[dtype]["grad_rel"]
+        if named_exact is not None:
+            allowed += grad_rel_err(g_ref.double(), named_exact[name])
+        assert err <= allowed, f"grad {name}: relative error {err:.3g} (allowed {allowed:.3g})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +122,11 @@ def screen_space_scene(n: int, seed: int, dtype, C: int, width: int, height: int
     cxy = cos * sin * (sx**2 - sy**2)
     det = cxx * cyy - cxy**2
     conics = torch.stack([cyy / det, -cxy / det, cxx / det], dim=-1)
-    conics[:, k : k + max(k // 2, 1), 1] = 3.0 * torch.sqrt(conics[:, k : k + max(k // 2, 1), 0] * conics[:, k : k + max(k // 2, 1), 2])  # indefinite
+    # Indefinite conics (sigma < 0 in some directions: skipped there). Kept weak so that
+    # exp(-sigma) stays finite: the reference's masked backward would turn an overflow into NaN.
+    j = slice(k, k + max(k // 2, 1))
+    scale = 0.5 + 0.3 * torch.rand(C, conics[:, j].shape[1], 1, generator=g, dtype=f64)
+    conics[:, j] = torch.tensor([0.01, 0.012, 0.01], dtype=f64) * scale
     radii = torch.stack([torch.ceil(3 * torch.sqrt(cxx)), torch.ceil(3 * torch.sqrt(cyy))], -1).to(torch.int32)
     depths = torch.rand(C, n, generator=g, dtype=f64) * 5 + 0.5
     opacities = torch.rand(C, n, generator=g, dtype=f64) * 0.9 + 0.05
@@ -134,14 +151,15 @@ def test_projection_matches_reference(dtype, seed):
     cams = make_cameras(3, width, height, dtype)
     means, quats, scales = make_gaussians(240, seed, dtype)
 
-    def run(fn):
-        leaves = {k: v.clone().requires_grad_(True) for k, v in
+    def run(fn, cast=dtype):
+        leaves = {k: v.to(cast).clone().requires_grad_(True) for k, v in
                   dict(means=means, quats=quats, scales=scales, world_to_cam=cams.world_to_cam).items()}
-        proj = fn(leaves["means"], leaves["quats"], leaves["scales"], leaves["world_to_cam"], cams.K, width, height)
+        proj = fn(leaves["means"], leaves["quats"], leaves["scales"], leaves["world_to_cam"], cams.K.to(cast), width, height)
         return leaves, proj
 
     ref_leaves, ref = run(project_gaussians)
     nat_leaves, nat = run(cpu.project_gaussians_cpu)
+    exact_leaves, exact = run(project_gaussians, torch.float64) if dtype == torch.float32 else (None, None)
 
     visible = ref.radii[..., 0] > 0
     assert 0 < visible.sum() < visible.numel()  # some culled (behind / off screen), most not
@@ -149,13 +167,16 @@ def test_projection_matches_reference(dtype, seed):
     for name in ("means2d", "conics", "depths"):
         a, b = getattr(nat, name), getattr(ref, name)
         assert a.dtype == dtype and a.shape == b.shape and torch.isfinite(a).all()
-        assert_forward_close(a.detach(), b.detach(), dtype, name)
+        assert_forward_close(a.detach(), b.detach(), dtype, name, None if exact is None else getattr(exact, name).detach())
 
     g = torch.Generator().manual_seed(100 + seed)
     weights = [torch.randn(t.shape, generator=g, dtype=torch.float64).to(dtype) for t in (ref.means2d, ref.conics, ref.depths)]
-    for proj in (ref, nat):
-        sum((t * w).sum() for t, w in zip((proj.means2d, proj.conics, proj.depths), weights)).backward()
-    assert_grads_close({k: v.grad for k, v in nat_leaves.items()}, {k: v.grad for k, v in ref_leaves.items()}, dtype)
+    for proj in (ref, nat) if exact is None else (ref, nat, exact):
+        sum((t * w.to(t.dtype)).sum() for t, w in zip((proj.means2d, proj.conics, proj.depths), weights)).backward()
+    assert_grads_close(
+        {k: v.grad for k, v in nat_leaves.items()}, {k: v.grad for k, v in ref_leaves.items()}, dtype,
+        None if exact is None else {k: v.grad for k, v in exact_leaves.items()},
+    )
     # Culled Gaussians (in every camera) get exactly zero gradient.
     never = ~visible.any(0)
     assert never.any() and (nat_leaves["means"].grad[never] == 0).all()
@@ -239,6 +260,14 @@ def test_composite_any_channel_count(D):
     _check_composite((means2d, conics, opacities, features, background), isect, width, height, dtype, D)
 
 
+@pytest.mark.parametrize("tile_size", [8, 32])
+def test_composite_other_tile_sizes(tile_size):
+    dtype, width, height, C, D = torch.float32, 45, 37, 2, 4
+    means2d, conics, opacities, features, background, radii, depths = screen_space_scene(90, 21, dtype, C, width, height, D)
+    isect = intersect_tiles(means2d, radii, depths, width, height, tile_size)
+    _check_composite((means2d, conics, opacities, features, background), isect, width, height, dtype, tile_size)
+
+
 def test_composite_empty_scene_shows_background():
     dtype, width, height, C, D = torch.float32, 37, 29, 2, 4
     means2d, conics, opacities, features, background, radii, depths = screen_space_scene(20, 3, dtype, C, width, height, D)
@@ -271,6 +300,31 @@ def test_composite_deterministic_across_thread_counts():
         torch.set_num_threads(previous)
     for other in grads[1:]:
         assert all(torch.equal(a, b) for a, b in zip(grads[0], other))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile binning: the native lists must equal the torch ones exactly
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("tile_size", [16, 8])
+def test_intersect_tiles_identical(dtype, tile_size):
+    width, height = 53, 37
+    cams = make_cameras(3, width, height, dtype)
+    means, quats, scales = make_gaussians(400, 3, dtype)
+    proj = project_gaussians(means, quats, scales, cams.world_to_cam, cams.K, width, height)
+    cases = [(proj.means2d, proj.radii, proj.depths)]
+    # Screen-space splats overhanging every border, with tied depths (ties go by id).
+    m2d, _, _, _, _, radii, depths = screen_space_scene(300, 4, dtype, 2, width, height, 1)
+    depths = torch.round(depths * 2) / 2
+    cases.append((m2d, radii, depths))
+    cases.append((m2d, torch.zeros_like(radii), depths))  # all culled: no intersections
+    for means2d, radii, depths in cases:
+        ref = intersect_tiles(means2d, radii, depths, width, height, tile_size)
+        nat = cpu.intersect_tiles_cpu(means2d, radii, depths, width, height, tile_size)
+        assert (nat.tiles_x, nat.tiles_y, nat.tile_size) == (ref.tiles_x, ref.tiles_y, ref.tile_size)
+        assert nat.gaussian_ids.dtype == torch.int64 and nat.tile_offsets.dtype == torch.int64
+        assert torch.equal(nat.tile_offsets, ref.tile_offsets)
+        assert torch.equal(nat.gaussian_ids, ref.gaussian_ids)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,3 +367,39 @@ def test_backend_registry_resolves_cpu():
     backend = get_backend("cpu", "cpu")
     assert backend.name == "cpu"
     assert backend.project is cpu.project_gaussians_cpu and backend.composite is cpu.composite_tiles_cpu
+
+
+def _simd_digest() -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for dtype in (torch.float32, torch.float64):
+        m2d, con, op, feat, bg, radii, dep = screen_space_scene(120, 9, dtype, 2, 45, 37, 4, dense=True)
+        isect = intersect_tiles(m2d, radii, dep, 45, 37)
+        leaves = [t.clone().requires_grad_(True) for t in (m2d, con, op, feat, bg)]
+        image, alpha = cpu.composite_tiles_cpu(*leaves[:4], isect, 45, 37, leaves[4])
+        (image.square().sum() + alpha.sum()).backward()
+        for t in [image, alpha] + [x.grad for x in leaves]:
+            h.update(t.detach().numpy().tobytes())
+    return h.hexdigest()
+
+
+def test_simd_builds_agree_bitwise():
+    """The AVX2 and baseline builds of the compositing kernels give identical results."""
+    import os
+    import subprocess
+    import sys
+
+    if cpu.extension().simd_level() != "avx2":
+        pytest.skip("this CPU runs the baseline build only")
+    tests_dir = os.path.dirname(os.path.abspath(__file__))
+    code = (
+        f"import sys; sys.path.insert(0, {tests_dir!r}); import test_backend_cpu as t; "
+        "print(t.cpu.extension().simd_level(), t._simd_digest())"
+    )
+    env = dict(os.environ, FIELDKIT_CPU_SIMD="baseline")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    level, digest = out.stdout.split()[-2:]
+    assert level == "baseline"
+    assert digest == _simd_digest()

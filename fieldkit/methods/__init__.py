@@ -7,6 +7,8 @@ import importlib
 # name -> (module, config class, method class, one-line description)
 REGISTRY: dict[str, tuple[str, str, str, str]] = {
     "gs": ("fieldkit.methods.gs", "GSConfig", "GaussianSplatting", "3D Gaussian splatting (Kerbl et al. 2023), the default for posed images"),
+    "nerf": ("fieldkit.methods.nerf", "NerfConfig", "NeRF", "hash-grid radiance field (Instant-NGP class), with CAM and S3IM options"),
+    "orex": ("fieldkit.methods.orex", "OReXConfig", "OReX", "watertight shapes from planar cross-sections (.csl) with a neural occupancy field (Sawdayee et al. 2023)"),
 }
 
 

@@ -200,6 +200,7 @@ class GaussianSplatting(Method):
             "optimizer": self.optimizer.state_dict(),
             "generator": self.generator.get_state(),
             "order": list(self._order),
+            "densifier": {k: getattr(self.densifier, k).detach().cpu() for k in ("grad_sum", "visible_count", "max_radius")},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -211,6 +212,8 @@ class GaussianSplatting(Method):
             self.generator.set_state(state["generator"])
         self._order = list(state.get("order", []))
         self.densifier._reset_stats(self.params["means"].shape[0], self.device)
+        for key, value in state.get("densifier", {}).items():  # statistics gathered since the last refine
+            setattr(self.densifier, key, value.to(self.device))
 
     def export(self, fmt: str, path: Path) -> Path:
         from fieldkit.export import write_ply, write_splat

@@ -39,12 +39,14 @@ class DensifyConfig:
 
     def scaled_to(self, steps: int) -> "DensifyConfig":
         """The same schedule stretched from 30k steps to ``steps``."""
-        f = steps / REFERENCE_STEPS
+        def scale(value: int) -> int:  # integer arithmetic: int(value * steps / 30000) can round 230 down to 229
+            return value * steps // REFERENCE_STEPS
+
         return replace(
             self,
-            start_step=max(self.interval, int(self.start_step * f)),
-            stop_step=int(self.stop_step * f),
-            reset_opacity_every=max(self.interval, int(self.reset_opacity_every * f)),
+            start_step=max(self.interval, scale(self.start_step)),
+            stop_step=scale(self.stop_step),
+            reset_opacity_every=max(self.interval, scale(self.reset_opacity_every)),
         )
 
 
@@ -71,12 +73,16 @@ class Densifier:
         self.max_radius = torch.maximum(self.max_radius, (radii.max(dim=-1).values * visible).max(0).values.float())
 
     def step(self, step: int, params: dict[str, torch.nn.Parameter], optimizer: torch.optim.Optimizer, white_background: bool = False) -> dict[str, int]:
-        """Run whatever is scheduled at ``step``; returns counts of what changed."""
+        """Run whatever is scheduled at ``step``; returns counts of what changed.
+
+        ``step`` counts from 1 (steps done), like the 3DGS reference's ``iteration``: refine when
+        start_step < step < stop_step, reset opacity while step < stop_step.
+        """
         cfg = self.config
         report: dict[str, int] = {}
-        if step > cfg.stop_step:
+        if step >= cfg.stop_step:
             return report
-        if step >= cfg.start_step and step % cfg.interval == 0:
+        if step > cfg.start_step and step % cfg.interval == 0:
             report = self._refine(step, params, optimizer)
         if step > 0 and (step % cfg.reset_opacity_every == 0 or (white_background and step == cfg.start_step)):
             self._reset_opacity(params, optimizer)

@@ -165,12 +165,43 @@ std::vector<Tensor> composite_backward(Tensor means2d, Tensor conics, Tensor opa
     return {v_means2d, v_conics, v_opacities, v_features};
 }
 
+std::vector<Tensor> intersect_tiles(Tensor means2d, Tensor radii, Tensor depths, int64_t tiles_x, int64_t tiles_y,
+                                    int64_t tile_size) {
+    const auto dtype = means2d.scalar_type();
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "means2d must be float32 or float64");
+    TORCH_CHECK(depths.dim() == 2, "depths must be [C,N]");
+    const int64_t C = depths.size(0), N = depths.size(1);
+    check_cpu(means2d, "means2d", dtype);
+    check_cpu(depths, "depths", dtype);
+    check_cpu(radii, "radii", at::kInt);
+    check_shape(means2d, "means2d", {C, N, 2});
+    check_shape(radii, "radii", {C, N, 2});
+    Tensor offsets = at::empty({C * tiles_x * tiles_y + 1}, means2d.options().dtype(at::kLong));
+    Tensor ids;
+    AT_DISPATCH_FLOATING_TYPES(dtype, "intersect_tiles", [&] {
+        fieldkit::cpu::intersect_offsets<scalar_t>(C, N, means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(),
+                                                   int(tiles_x), int(tiles_y), int(tile_size),
+                                                   offsets.data_ptr<int64_t>());
+        ids = at::empty({offsets.data_ptr<int64_t>()[offsets.numel() - 1]}, offsets.options());
+        fieldkit::cpu::intersect_fill<scalar_t>(C, N, means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(),
+                                                depths.data_ptr<scalar_t>(), int(tiles_x), int(tiles_y),
+                                                int(tile_size), offsets.data_ptr<int64_t>(),
+                                                ids.data_ptr<int64_t>(), at::get_num_threads());
+    });
+    return {ids, offsets};
+}
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     m.doc() = "fieldkit native CPU rasterizer (projection + compositing, forward and backward)";
-    m.def("project_forward", &project_forward);
-    m.def("project_backward", &project_backward);
-    m.def("composite_forward", &composite_forward);
-    m.def("composite_backward", &composite_backward);
+    // The GIL is released while the kernels run (they touch no Python objects), so other Python
+    // threads (a viewer, a data loader) keep going.
+    using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+    m.def("project_forward", &project_forward, release());
+    m.def("project_backward", &project_backward, release());
+    m.def("composite_forward", &composite_forward, release());
+    m.def("composite_backward", &composite_backward, release());
+    m.def("intersect_tiles", &intersect_tiles, release());
+    m.def("simd_level", [] { return std::string(fieldkit::cpu::simd_level()); });
 }

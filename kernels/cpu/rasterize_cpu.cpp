@@ -4,6 +4,8 @@
 #include "rasterize_cpu.h"
 
 #include <algorithm>
+#include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <vector>
 
@@ -127,269 +129,119 @@ void project_backward(int64_t C, int64_t N, const T* means, const T* quats, cons
 }
 
 // =============================================================================================
-// Compositing
+// Tile binning
 // =============================================================================================
 namespace {
 
-// One tile's Gaussians gathered into contiguous arrays (structure of arrays), with the pixel box
-// of each (tile-local, inclusive; empty when x0 > x1).
+// Half-open tile rectangle [x0,x1) x [y0,y1) of a splat's box, clamped to the grid, computed with
+// the same float operations as tiles.py::tile_ranges. Empty for culled splats (radius_x == 0);
+// a NaN mean gives an empty range (undefined in the reference).
 template <typename T>
-struct TileSplats {
-    std::vector<T> mx, my, ca, cb, cc, op, feat;
-    std::vector<int> bx0, bx1, by0, by1;
-    void gather(const int64_t* ids, int64_t count, int64_t D, const T* means2d, const T* conics, const T* opacities,
-                const T* features, int64_t tile_x0, int64_t tile_y0, int64_t tile_w, int64_t tile_h) {
-        for (auto* v : {&mx, &my, &ca, &cb, &cc, &op}) v->resize(count);
-        for (auto* v : {&bx0, &bx1, &by0, &by1}) v->resize(count);
-        feat.resize(count * D);
-        for (int64_t l = 0; l < count; ++l) {
-            const int64_t g = ids[l];
-            mx[l] = means2d[2 * g];
-            my[l] = means2d[2 * g + 1];
-            ca[l] = conics[3 * g];
-            cb[l] = conics[3 * g + 1];
-            cc[l] = conics[3 * g + 2];
-            op[l] = opacities[g];
-            std::memcpy(feat.data() + l * D, features + g * D, sizeof(T) * D);
-            int x0, x1, y0, y1;
-            if (splat_pixel_box<double>(mx[l], my[l], ca[l], cb[l], cc[l], op[l], &x0, &x1, &y0, &y1)) {
-                bx0[l] = int(std::max<int64_t>(int64_t(x0) - tile_x0, 0));
-                bx1[l] = int(std::min<int64_t>(int64_t(x1) - tile_x0, tile_w - 1));
-                by0[l] = int(std::max<int64_t>(int64_t(y0) - tile_y0, 0));
-                by1[l] = int(std::min<int64_t>(int64_t(y1) - tile_y0, tile_h - 1));
-            } else {
-                bx0[l] = by0[l] = 0;
-                bx1[l] = by1[l] = -1;
-            }
-        }
-    }
-};
-
-struct TileGeometry {
-    int64_t camera, x0, y0, w, h;  // pixel rectangle [x0, x0+w) x [y0, y0+h), clipped to the image
-};
-
-inline TileGeometry tile_geometry(int64_t tile, int width, int height, int tiles_x, int tiles_y, int tile_size) {
-    const int64_t per_cam = int64_t(tiles_x) * tiles_y;
-    const int64_t local = tile % per_cam;
-    TileGeometry g;
-    g.camera = tile / per_cam;
-    g.x0 = (local % tiles_x) * tile_size;
-    g.y0 = (local / tiles_x) * tile_size;
-    g.w = std::max<int64_t>(std::min<int64_t>(g.x0 + tile_size, width) - g.x0, 0);
-    g.h = std::max<int64_t>(std::min<int64_t>(g.y0 + tile_size, height) - g.y0, 0);
-    return g;
-}
-
-// Forward, one tile at a time. Splats are the outer loop (front to back) and each visits only
-// the pixels of its box, keeping per-pixel state (T, accumulated features, last index, done);
-// this is, per pixel, exactly the sequential walk of the reference.
-// DT > 0: channel count known at compile time; DT == 0: any D.
-template <typename T, int DT>
-void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* means2d, const T* conics,
-                            const T* opacities, const T* features, const T* background, const int64_t* gaussian_ids,
-                            const int64_t* tile_offsets, int width, int height, int tiles_x, int tiles_y,
-                            int tile_size, T* image, T* alpha_out, T* final_T, int64_t* last_index, int nt) {
-    const int64_t D = DT > 0 ? DT : D_runtime;
-    const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
-    const int64_t P_max = int64_t(tile_size) * tile_size;
-#pragma omp parallel num_threads(nt)
-    {
-        TileSplats<T> splats;
-        std::vector<T> trans(P_max), acc(P_max * D);
-        std::vector<int64_t> last(P_max);
-        std::vector<unsigned char> done(P_max);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t tile = 0; tile < num_tiles; ++tile) {
-            const TileGeometry geo = tile_geometry(tile, width, height, tiles_x, tiles_y, tile_size);
-            const int64_t P = geo.w * geo.h;
-            if (P == 0) continue;
-            const int64_t start = tile_offsets[tile], count = tile_offsets[tile + 1] - start;
-            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features, geo.x0, geo.y0, geo.w,
-                          geo.h);
-            std::fill(trans.begin(), trans.begin() + P, T(1));
-            std::fill(acc.begin(), acc.begin() + P * D, T(0));
-            std::fill(last.begin(), last.begin() + P, int64_t(-1));
-            std::fill(done.begin(), done.begin() + P, 0);
-            int64_t n_done = 0;
-            for (int64_t l = 0; l < count && n_done < P; ++l) {
-                const T* f = splats.feat.data() + l * D;
-                for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
-                    const T py = T(yy) + T(0.5) + T(geo.y0);
-                    for (int64_t xx = splats.bx0[l]; xx <= splats.bx1[l]; ++xx) {
-                        const int64_t p = yy * geo.w + xx;
-                        if (done[p]) continue;
-                        const T px = T(xx) + T(0.5) + T(geo.x0);
-                        T dx, dy, vis, alpha_raw, alpha;
-                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l],
-                                         splats.op[l], px, py, &dx, &dy, &vis, &alpha_raw, &alpha))
-                            continue;
-                        const T next_T = trans[p] * (T(1) - alpha);
-                        if (transmittance_exhausted(next_T)) {
-                            done[p] = 1;
-                            ++n_done;
-                            continue;
-                        }
-                        const T w = alpha * trans[p];
-                        T* a = acc.data() + p * D;
-                        for (int64_t d = 0; d < D; ++d) a[d] += w * f[d];
-                        trans[p] = next_T;
-                        last[p] = start + l;
-                    }
-                }
-            }
-            const T* bg = background + geo.camera * D;
-            for (int64_t yy = 0; yy < geo.h; ++yy) {
-                for (int64_t xx = 0; xx < geo.w; ++xx) {
-                    const int64_t p = yy * geo.w + xx;
-                    const int64_t pix = (geo.camera * height + geo.y0 + yy) * width + geo.x0 + xx;
-                    T* out = image + pix * D;
-                    const T* a = acc.data() + p * D;
-                    for (int64_t d = 0; d < D; ++d) out[d] = a[d] + trans[p] * bg[d];
-                    alpha_out[pix] = T(1) - trans[p];
-                    final_T[pix] = trans[p];
-                    last_index[pix] = last[p];
-                }
-            }
-        }
-    }
-}
-
-// Backward, one tile at a time: splats back to front (from the largest last index of the tile),
-// each pixel starting at its own last index with its final T, and recovering the transmittance
-// in front of each splat as T_i = T_{i+1} / (1 - alpha_i). One splat's gradient is summed over
-// its pixels in registers and written once to its intersection row (no sharing between threads).
-template <typename T, int DT>
-void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M, const T* means2d, const T* conics,
-                             const T* opacities, const T* features, const T* background, const int64_t* gaussian_ids,
-                             const int64_t* tile_offsets, int width, int height, int tiles_x, int tiles_y,
-                             int tile_size, const T* final_T, const int64_t* last_index, const T* v_image,
-                             const T* v_alpha, T* v_means2d, T* v_conics, T* v_opacities, T* v_features, int nt) {
-    const int64_t D = DT > 0 ? DT : D_runtime;
-    const int64_t K = 6 + D;  // per intersection row: mean2d (2), conic (3), opacity (1), features (D)
-    const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
-    const int64_t P_max = int64_t(tile_size) * tile_size;
-    std::vector<T> rows(size_t(M * K));
-
-#pragma omp parallel num_threads(nt)
-    {
-        TileSplats<T> splats;
-        std::vector<T> trans(P_max), t_final(P_max), g(P_max * D), g_bg(P_max), g_behind(P_max), va(P_max);
-        std::vector<int64_t> last(P_max);
-        std::vector<T> row_acc(K);
-#pragma omp for schedule(dynamic, 1)
-        for (int64_t tile = 0; tile < num_tiles; ++tile) {
-            const int64_t start = tile_offsets[tile], count = tile_offsets[tile + 1] - start;
-            if (count == 0) continue;
-            T* tile_rows = rows.data() + start * K;
-            std::fill(tile_rows, tile_rows + count * K, T(0));
-            const TileGeometry geo = tile_geometry(tile, width, height, tiles_x, tiles_y, tile_size);
-            const int64_t P = geo.w * geo.h;
-            if (P == 0) continue;
-            const T* bg = background + geo.camera * D;
-            int64_t max_last = -1;
-            for (int64_t yy = 0; yy < geo.h; ++yy) {
-                for (int64_t xx = 0; xx < geo.w; ++xx) {
-                    const int64_t p = yy * geo.w + xx;
-                    const int64_t pix = (geo.camera * height + geo.y0 + yy) * width + geo.x0 + xx;
-                    last[p] = last_index[pix] >= start ? last_index[pix] - start : -1;
-                    max_last = std::max(max_last, last[p]);
-                    trans[p] = t_final[p] = final_T[pix];
-                    va[p] = v_alpha[pix];
-                    g_behind[p] = T(0);
-                    T gb = T(0);
-                    for (int64_t d = 0; d < D; ++d) {
-                        g[p * D + d] = v_image[pix * D + d];
-                        gb += g[p * D + d] * bg[d];
-                    }
-                    g_bg[p] = gb;
-                }
-            }
-            if (max_last < 0) continue;
-            splats.gather(gaussian_ids + start, max_last + 1, D, means2d, conics, opacities, features, geo.x0, geo.y0,
-                          geo.w, geo.h);
-            for (int64_t l = max_last; l >= 0; --l) {
-                const T* f = splats.feat.data() + l * D;
-                std::fill(row_acc.begin(), row_acc.end(), T(0));
-                T* r = row_acc.data();
-                bool touched = false;
-                for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
-                    const T py = T(yy) + T(0.5) + T(geo.y0);
-                    for (int64_t xx = splats.bx0[l]; xx <= splats.bx1[l]; ++xx) {
-                        const int64_t p = yy * geo.w + xx;
-                        if (l > last[p]) continue;  // behind this pixel's last blended splat
-                        const T px = T(xx) + T(0.5) + T(geo.x0);
-                        T dx, dy, vis, alpha_raw, alpha;
-                        if (!splat_alpha(splats.mx[l], splats.my[l], splats.ca[l], splats.cb[l], splats.cc[l],
-                                         splats.op[l], px, py, &dx, &dy, &vis, &alpha_raw, &alpha))
-                            continue;
-                        touched = true;
-                        const T T_i = trans[p] / (T(1) - alpha);
-                        const T* gp = g.data() + p * D;
-                        T g_f = T(0);
-                        for (int64_t d = 0; d < D; ++d) g_f += gp[d] * f[d];
-                        const T v_al = blend_alpha_vjp(alpha, T_i, g_f, g_behind[p], g_bg[p], va[p], t_final[p]);
-                        const T w = alpha * T_i;
-                        for (int64_t d = 0; d < D; ++d) r[6 + d] += w * gp[d];
-                        g_behind[p] += w * g_f;
-                        splat_alpha_vjp(dx, dy, splats.ca[l], splats.cb[l], splats.cc[l], splats.op[l], vis, alpha_raw,
-                                        v_al, r, r + 2, r + 5);
-                        trans[p] = T_i;
-                    }
-                }
-                if (touched) std::memcpy(tile_rows + l * K, r, sizeof(T) * K);
-            }
-        }
-    }
-
-    // Sum intersection rows per Gaussian in intersection order (counting sort by Gaussian id).
-    const int64_t G = C * N;
-    std::vector<int64_t> begin(size_t(G + 1), 0);
-    for (int64_t k = 0; k < M; ++k) ++begin[gaussian_ids[k] + 1];
-    for (int64_t gi = 0; gi < G; ++gi) begin[gi + 1] += begin[gi];
-    std::vector<int64_t> order(static_cast<size_t>(M));
-    {
-        std::vector<int64_t> fill(begin.begin(), begin.end() - 1);
-        for (int64_t k = 0; k < M; ++k) order[fill[gaussian_ids[k]]++] = k;
-    }
-#pragma omp parallel num_threads(nt)
-    {
-        std::vector<T> sum(K);
-#pragma omp for schedule(static)
-        for (int64_t gi = 0; gi < G; ++gi) {
-            std::fill(sum.begin(), sum.end(), T(0));
-            for (int64_t e = begin[gi]; e < begin[gi + 1]; ++e) {
-                const T* row = rows.data() + order[e] * K;
-                for (int64_t k = 0; k < K; ++k) sum[k] += row[k];
-            }
-            v_means2d[2 * gi] = sum[0];
-            v_means2d[2 * gi + 1] = sum[1];
-            v_conics[3 * gi] = sum[2];
-            v_conics[3 * gi + 1] = sum[3];
-            v_conics[3 * gi + 2] = sum[4];
-            v_opacities[gi] = sum[5];
-            for (int64_t d = 0; d < D; ++d) v_features[gi * D + d] = sum[6 + d];
-        }
-    }
+inline void tile_rect(const T* mean2d, const int32_t* radius, int tiles_x, int tiles_y, int tile_size, int64_t* x0,
+                      int64_t* x1, int64_t* y0, int64_t* y1) {
+    const T ts = T(tile_size), rx = T(radius[0]), ry = T(radius[1]);
+    auto clamp_to = [](T v, int hi) { return v == v ? int64_t(std::min(std::max(v, T(0)), T(hi))) : int64_t(0); };
+    *x0 = clamp_to(std::floor((mean2d[0] - rx) / ts), tiles_x);
+    *x1 = clamp_to(std::ceil((mean2d[0] + rx) / ts), tiles_x);
+    *y0 = clamp_to(std::floor((mean2d[1] - ry) / ts), tiles_y);
+    *y1 = clamp_to(std::ceil((mean2d[1] + ry) / ts), tiles_y);
+    if (radius[0] <= 0) *x1 = *x0;  // not visible
 }
 
 }  // namespace
 
-#define FK_DISPATCH_D(D, FN, ...)                         \
-    switch (D) {                                          \
-        case 1: FN<T, 1>(__VA_ARGS__); break;             \
-        case 3: FN<T, 3>(__VA_ARGS__); break;             \
-        case 4: FN<T, 4>(__VA_ARGS__); break;             \
-        default: FN<T, 0>(__VA_ARGS__); break;            \
+template <typename T>
+void intersect_offsets(int64_t C, int64_t N, const T* means2d, const int32_t* radii, int tiles_x, int tiles_y,
+                       int tile_size, int64_t* tile_offsets) {
+    const int64_t per_cam = int64_t(tiles_x) * tiles_y;
+    std::fill(tile_offsets, tile_offsets + C * per_cam + 1, int64_t(0));
+    for (int64_t idx = 0; idx < C * N; ++idx) {
+        int64_t x0, x1, y0, y1;
+        tile_rect(means2d + 2 * idx, radii + 2 * idx, tiles_x, tiles_y, tile_size, &x0, &x1, &y0, &y1);
+        int64_t* row = tile_offsets + 1 + (idx / N) * per_cam;
+        for (int64_t ty = y0; ty < y1; ++ty)
+            for (int64_t tx = x0; tx < x1; ++tx) ++row[ty * tiles_x + tx];
     }
+    for (int64_t t = 0; t < C * per_cam; ++t) tile_offsets[t + 1] += tile_offsets[t];
+}
+
+template <typename T>
+void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii, const T* depths, int tiles_x,
+                    int tiles_y, int tile_size, const int64_t* tile_offsets, int64_t* gaussian_ids, int num_threads) {
+    const int nt = resolve_threads(num_threads);
+    const int64_t per_cam = int64_t(tiles_x) * tiles_y, num_tiles = C * per_cam;
+    std::vector<int64_t> cursor(tile_offsets, tile_offsets + num_tiles);
+    for (int64_t idx = 0; idx < C * N; ++idx) {  // ascending flat id: ties keep id order below
+        int64_t x0, x1, y0, y1;
+        tile_rect(means2d + 2 * idx, radii + 2 * idx, tiles_x, tiles_y, tile_size, &x0, &x1, &y0, &y1);
+        const int64_t base = (idx / N) * per_cam;
+        for (int64_t ty = y0; ty < y1; ++ty)
+            for (int64_t tx = x0; tx < x1; ++tx) gaussian_ids[cursor[base + ty * tiles_x + tx]++] = idx;
+    }
+    // Front to back within each tile; torch.sort(stable=True) puts NaN last.
+    auto before = [depths](int64_t a, int64_t b) {
+        const T da = depths[a], db = depths[b];
+        const bool na = da != da, nb = db != db;
+        return na != nb ? nb : (!na && da < db);
+    };
+#pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
+    for (int64_t t = 0; t < num_tiles; ++t)
+        std::stable_sort(gaussian_ids + tile_offsets[t], gaussian_ids + tile_offsets[t + 1], before);
+}
+
+// =============================================================================================
+// Compositing: kernels in composite_cpu.inl (baseline ISA here, AVX2 in composite_avx2.cpp)
+// =============================================================================================
+#define FK_SIMD_BYTES 16
+#include "composite_cpu.inl"
+#undef FK_SIMD_BYTES
+
+// The AVX2 build of the compositing kernels (composite_avx2.cpp), used when the CPU has AVX2.
+#if defined(__x86_64__) && defined(__GNUC__)
+template <typename T>
+void composite_forward_avx2(int64_t C, int64_t N, int64_t D, const T* means2d, const T* conics, const T* opacities,
+                            const T* features, const T* background, const int64_t* gaussian_ids,
+                            const int64_t* tile_offsets, int width, int height, int tiles_x, int tiles_y,
+                            int tile_size, T* image, T* alpha, T* final_T, int64_t* last_index, int nt);
+template <typename T>
+void composite_backward_avx2(int64_t C, int64_t N, int64_t D, int64_t M, const T* means2d, const T* conics,
+                             const T* opacities, const T* features, const T* background, const int64_t* gaussian_ids,
+                             const int64_t* tile_offsets, int width, int height, int tiles_x, int tiles_y,
+                             int tile_size, const T* final_T, const int64_t* last_index, const T* v_image,
+                             const T* v_alpha, T* v_means2d, T* v_conics, T* v_opacities, T* v_features, int nt);
+#endif
+
+// AVX2 when the CPU has it, unless FIELDKIT_CPU_SIMD=baseline (both give identical results).
+static bool use_avx2() {
+#if defined(__x86_64__) && defined(__GNUC__)
+    static const bool enabled = [] {
+        const char* env = std::getenv("FIELDKIT_CPU_SIMD");
+        if (env != nullptr && std::strcmp(env, "baseline") == 0) return false;
+        __builtin_cpu_init();
+        return bool(__builtin_cpu_supports("avx2"));
+    }();
+    return enabled;
+#else
+    return false;
+#endif
+}
+
+const char* simd_level() { return use_avx2() ? "avx2" : "baseline"; }
 
 template <typename T>
 void composite_forward(int64_t C, int64_t N, int64_t D, const T* means2d, const T* conics, const T* opacities,
                        const T* features, const T* background, const int64_t* gaussian_ids, const int64_t* tile_offsets,
                        int width, int height, int tiles_x, int tiles_y, int tile_size, T* image, T* alpha, T* final_T,
                        int64_t* last_index, int num_threads) {
-    FK_DISPATCH_D(D, composite_forward_impl, C, N, D, means2d, conics, opacities, features, background, gaussian_ids,
-                  tile_offsets, width, height, tiles_x, tiles_y, tile_size, image, alpha, final_T, last_index, resolve_threads(num_threads))
+    const int nt = resolve_threads(num_threads);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_avx2())
+        return composite_forward_avx2<T>(C, N, D, means2d, conics, opacities, features, background, gaussian_ids,
+                                         tile_offsets, width, height, tiles_x, tiles_y, tile_size, image, alpha,
+                                         final_T, last_index, nt);
+#endif
+    CompositeKernels<T>::forward(C, N, D, means2d, conics, opacities, features, background, gaussian_ids, tile_offsets,
+                                 width, height, tiles_x, tiles_y, tile_size, image, alpha, final_T, last_index, nt);
 }
 
 template <typename T>
@@ -398,12 +250,18 @@ void composite_backward(int64_t C, int64_t N, int64_t D, int64_t M, const T* mea
                         const int64_t* tile_offsets, int width, int height, int tiles_x, int tiles_y, int tile_size,
                         const T* final_T, const int64_t* last_index, const T* v_image, const T* v_alpha, T* v_means2d,
                         T* v_conics, T* v_opacities, T* v_features, int num_threads) {
-    FK_DISPATCH_D(D, composite_backward_impl, C, N, D, M, means2d, conics, opacities, features, background, gaussian_ids,
-                  tile_offsets, width, height, tiles_x, tiles_y, tile_size, final_T, last_index, v_image, v_alpha,
-                  v_means2d, v_conics, v_opacities, v_features, resolve_threads(num_threads))
+    const int nt = resolve_threads(num_threads);
+#if defined(__x86_64__) && defined(__GNUC__)
+    if (use_avx2())
+        return composite_backward_avx2<T>(C, N, D, M, means2d, conics, opacities, features, background, gaussian_ids,
+                                          tile_offsets, width, height, tiles_x, tiles_y, tile_size, final_T,
+                                          last_index, v_image, v_alpha, v_means2d, v_conics, v_opacities, v_features,
+                                          nt);
+#endif
+    CompositeKernels<T>::backward(C, N, D, M, means2d, conics, opacities, features, background, gaussian_ids,
+                                  tile_offsets, width, height, tiles_x, tiles_y, tile_size, final_T, last_index,
+                                  v_image, v_alpha, v_means2d, v_conics, v_opacities, v_features, nt);
 }
-
-#undef FK_DISPATCH_D
 
 // Explicit instantiations.
 #define FK_INSTANTIATE(T)                                                                                              \
@@ -415,7 +273,10 @@ void composite_backward(int64_t C, int64_t N, int64_t D, int64_t M, const T* mea
                                        const int64_t*, const int64_t*, int, int, int, int, int, T*, T*, T*, int64_t*, int); \
     template void composite_backward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,   \
                                         const T*, const int64_t*, const int64_t*, int, int, int, int, int, const T*,   \
-                                        const int64_t*, const T*, const T*, T*, T*, T*, T*, int);
+                                        const int64_t*, const T*, const T*, T*, T*, T*, T*, int);      \
+    template void intersect_offsets<T>(int64_t, int64_t, const T*, const int32_t*, int, int, int, int64_t*);      \
+    template void intersect_fill<T>(int64_t, int64_t, const T*, const int32_t*, const T*, int, int, int,           \
+                                    const int64_t*, int64_t*, int);
 
 FK_INSTANTIATE(float)
 FK_INSTANTIATE(double)

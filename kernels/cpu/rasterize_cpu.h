@@ -48,5 +48,19 @@ void composite_backward(int64_t C, int64_t N, int64_t D, int64_t M, const T* mea
                         const T* final_T, const int64_t* last_index, const T* v_image, const T* v_alpha, T* v_means2d,
                         T* v_conics, T* v_opacities, T* v_features, int num_threads);
 
+// Tile binning (non-differentiable), bit-identical to fieldkit/render/tiles.py::intersect_tiles.
+// means2d [C,N,2], radii [C,N,2] (0 = culled), depths [C,N]. Two passes: tile_offsets
+// [C*tiles_y*tiles_x + 1] (the caller then allocates gaussian_ids [tile_offsets[last]]), then the
+// per-tile lists of flat ids (camera * N + n), front to back (depth, ties by id).
+template <typename T>
+void intersect_offsets(int64_t C, int64_t N, const T* means2d, const int32_t* radii, int tiles_x, int tiles_y,
+                       int tile_size, int64_t* tile_offsets);
+template <typename T>
+void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii, const T* depths, int tiles_x,
+                    int tiles_y, int tile_size, const int64_t* tile_offsets, int64_t* gaussian_ids, int num_threads);
+
+// Which compositing build runs: "avx2" or "baseline" (FIELDKIT_CPU_SIMD=baseline forces it).
+const char* simd_level();
+
 }  // namespace cpu
 }  // namespace fieldkit

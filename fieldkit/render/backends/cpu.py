@@ -2,19 +2,27 @@
 
 The extension is compiled just in time with :func:`torch.utils.cpp_extension.load` the first
 time it is needed (once per process, thread-safe) and cached on disk under
-``$FIELDKIT_CACHE_DIR`` (default ``~/.cache/fieldkit``) in a folder keyed by a hash of the
-kernel sources, the torch version, the Python version and the compiler flags, so edits and
-upgrades rebuild and nothing else does.
+``$FIELDKIT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/fieldkit`` or ``~/.cache/fieldkit``) in a
+folder keyed by a hash of the kernel sources, the torch version, the Python version and the
+compiler flags, so edits and upgrades rebuild and nothing else does. Flags are portable
+(``-O3 -fopenmp -ffp-contract=off``, no ``-march``); the compositing kernels are built twice,
+for baseline x86-64 and for AVX2, and the AVX2 build runs when the CPU has it (both give
+bit-identical results; ``FIELDKIT_CPU_SIMD=baseline`` forces the baseline build).
 
 It computes the same function as the torch reference stages
 (:func:`fieldkit.render.projection.project_gaussians` and
-:func:`fieldkit.render.composite.composite_tiles`) with hand-written backward passes; tile
-binning (:func:`fieldkit.render.tiles.intersect_tiles`) is shared with the torch backend, so
-both composite Gaussians in the same order.
+:func:`fieldkit.render.composite.composite_tiles`) with hand-written backward passes:
 
-Kernel sources are looked up in ``$FIELDKIT_KERNELS_DIR``, then ``fieldkit/kernels`` (package
-data of an install), then ``<repo>/kernels`` (source checkout). ``FIELDKIT_NO_NATIVE=1``
-disables the backend.
+- :func:`project_gaussians_cpu`: same signature; gradients for means, quats, scales and
+  world_to_cam (not K). Evaluated in double internally, whatever the tensor dtype.
+- :func:`composite_tiles_cpu`: same signature, any channel count D; gradients for means2d,
+  conics, opacities, features and background. Deterministic for any thread count.
+- :func:`intersect_tiles_cpu`: optional native twin of
+  :func:`fieldkit.render.tiles.intersect_tiles` (not differentiable), equal bit for bit.
+
+Threads: ``torch.set_num_threads`` applies. Kernel sources are looked up in
+``$FIELDKIT_KERNELS_DIR``, then ``fieldkit/kernels`` (package data of an install), then
+``<repo>/kernels`` (source checkout). ``FIELDKIT_NO_NATIVE=1`` disables the backend.
 """
 
 from __future__ import annotations
@@ -34,13 +42,19 @@ import torch
 from torch import Tensor
 
 from fieldkit.render.projection import Projection
-from fieldkit.render.tiles import TileIntersections
+from fieldkit.render.tiles import TILE_SIZE, TileIntersections, tile_grid
 
 EXTENSION_NAME = "fieldkit_cpu"
-CFLAGS = ["-O3", "-fopenmp"]
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
-_SOURCES = ("bindings/cpu_bindings.cpp", "cpu/rasterize_cpu.cpp")
-_HEADERS = ("cpu/rasterize_cpu.h", "include/fieldkit/common.h", "include/fieldkit/projection.h", "include/fieldkit/composite.h")
+_SOURCES = ("bindings/cpu_bindings.cpp", "cpu/rasterize_cpu.cpp", "cpu/composite_avx2.cpp")
+_HEADERS = (
+    "cpu/rasterize_cpu.h",
+    "cpu/composite_cpu.inl",
+    "include/fieldkit/common.h",
+    "include/fieldkit/projection.h",
+    "include/fieldkit/composite.h",
+)
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -74,7 +88,9 @@ def _build_key(folder: Path) -> str:
         digest.update(rel.encode())
         digest.update((folder / rel).read_bytes())
     digest.update(
-        "|".join([torch.__version__, sys.version, platform.machine(), " ".join(CFLAGS), " ".join(LDFLAGS)]).encode()
+        "|".join(
+            [torch.__version__, sys.version, platform.machine(), str(_compiler()), " ".join(CFLAGS), " ".join(LDFLAGS)]
+        ).encode()
     )
     return digest.hexdigest()[:16]
 
@@ -208,6 +224,25 @@ def project_gaussians_cpu(
         *args, int(width), int(height), float(eps2d), float(near_plane), float(far_plane)
     )
     return Projection(means2d=means2d, conics=conics, depths=depths, radii=radii)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tile binning (not differentiable)
+# ---------------------------------------------------------------------------------------------
+def intersect_tiles_cpu(
+    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int = TILE_SIZE
+) -> TileIntersections:
+    """Native twin of :func:`fieldkit.render.tiles.intersect_tiles`: the same lists, bit for bit.
+
+    means2d [C,N,2], radii [C,N,2] int32 (0 = culled), depths [C,N].
+    """
+    tiles_x, tiles_y = tile_grid(width, height, tile_size)
+    dtype = means2d.dtype if means2d.dtype in (torch.float32, torch.float64) else torch.float32
+    ids, offsets = extension().intersect_tiles(
+        means2d.detach().to(dtype).contiguous(), radii.to(torch.int32).contiguous(),
+        depths.detach().to(dtype).contiguous(), tiles_x, tiles_y, int(tile_size),
+    )
+    return TileIntersections(ids, offsets, tiles_x, tiles_y, int(tile_size))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,16 @@
 
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
+// On the host FK_HD functions are always inlined: the CPU backend compiles the compositing
+// kernels twice (baseline and AVX2, see kernels/cpu/composite_avx2.cpp) from one include of
+// these headers, and an out-of-line call passing SIMD vectors between the two instruction sets
+// would not agree on the calling convention.
 #if defined(__CUDACC__)
 #define FK_HD __host__ __device__ __forceinline__
+#elif defined(__GNUC__)
+#define FK_HD inline __attribute__((always_inline))
 #else
 #define FK_HD inline
 #endif
