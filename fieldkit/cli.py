@@ -21,6 +21,7 @@ from fieldkit.methods.gs import GSConfig
 from fieldkit.methods.orex import OReXConfig
 from fieldkit.shapes.cli_slice import SliceCommand, run_slice
 from fieldkit.methods.nerf import NerfConfig
+from fieldkit.fit_image import FitImageCommand, run_fit_image
 from fieldkit.runs import DataOptions, RunRecord, default_run_dir, load_run, read_record, write_record
 from fieldkit.regress import RegressCommand, run_regress
 from fieldkit.trainer import Trainer, TrainerConfig
@@ -266,6 +267,7 @@ COMMANDS = {
     "slice": (SliceCommand, run_slice),
     "view": (ViewCommand, run_view),
     "regress": (RegressCommand, run_regress),
+    "fit-image": (FitImageCommand, run_fit_image),
 }
 
 

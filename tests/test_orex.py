@@ -121,6 +121,19 @@ def test_extract_mesh_closes_shapes_cut_by_the_box():
     assert mesh.is_watertight and mesh.volume > 0
 
 
+def test_floaters_without_contour_support_are_dropped():
+    from fieldkit.shapes.meshing import drop_unsupported_components
+
+    a = trimesh.creation.icosphere(subdivisions=2, radius=0.3)
+    b = a.copy()
+    b.apply_translation([1.0, 0, 0])
+    both = trimesh.util.concatenate([a, b])
+    kept, dropped = drop_unsupported_components(both, np.array([[0.3, 0.0, 0.0]]), tolerance=0.05)
+    assert dropped == 1 and kept.is_watertight and kept.volume == pytest.approx(a.volume)
+    kept, dropped = drop_unsupported_components(both, np.array([[0.3, 0.0, 0.0], [0.7, 0, 0]]), tolerance=0.05)
+    assert dropped == 0 and len(kept.faces) == len(both.faces)
+
+
 # ------------------------------------------------------------------------------------------ baseline
 
 

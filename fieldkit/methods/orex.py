@@ -67,6 +67,8 @@ class OReXConfig:
     """Cells along the longest side of the meshing box (cubic cells)."""
     mesh_coarse_resolution: int = 64
     """First, dense pass of the coarse-to-fine grid evaluation."""
+    mesh_drop_unsupported: bool = True
+    """Drop mesh components that touch no input contour (floaters the data cannot support)."""
     mesh_refine: bool = True
     """Move mesh vertices onto the zero level set with the field's gradient (Newton steps)."""
     threads: int = 1
@@ -245,6 +247,7 @@ class OReX(Method):
             coarse_resolution=self.config.mesh_coarse_resolution,
             near=lambda h: min(0.5 * alpha * h, 4.0),
             project=self._project if refine else None,
+            support=self.cs.all_vertices() if self.config.mesh_drop_unsupported else None,
         )
         mesh.apply_scale(self.scale)
         mesh.apply_translation(self.centre)

@@ -121,7 +121,8 @@ def _composite_chunk(
     dy = mean[:, None, :, 1] - pixels[:, :, None, 1]
     a, b, c = (conic[:, None, :, k] for k in range(3))
     sigma = 0.5 * (a * dx * dx + c * dy * dy) + b * dx * dy
-    alpha = torch.clamp(flat_opac[gid][:, None, :] * torch.exp(-sigma), max=ALPHA_MAX)
+    # sigma < 0 is skipped below; clamping first keeps exp finite so masked gradients stay 0, not NaN.
+    alpha = torch.clamp(flat_opac[gid][:, None, :] * torch.exp(-sigma.clamp_min(0)), max=ALPHA_MAX)
     used = in_list[:, None, :] & (sigma >= 0) & (alpha >= ALPHA_MIN)
     alpha = torch.where(used, alpha, torch.zeros_like(alpha))
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from fieldkit.cameras import Cameras
 from fieldkit.render.backends import get_backend
 from fieldkit.render.sh import MAX_SH_DEGREE, sh_to_rgb
-from fieldkit.render.tiles import TILE_SIZE, intersect_tiles
+from fieldkit.render.tiles import TILE_SIZE
 
 
 @dataclass
@@ -73,7 +73,7 @@ def rasterize(
     background = background.to(means).expand(C, 3)
     background = torch.cat([background, torch.zeros_like(background[:, :1])], dim=-1)
 
-    isect = intersect_tiles(means2d, proj.radii, proj.depths, W, H, tile_size)
+    isect = impl.intersect(means2d, proj.radii, proj.depths, W, H, tile_size)
     image, alpha = impl.composite(means2d, proj.conics, opacities.expand(C, N), features, isect, W, H, background)
     depth = image[..., 3:] / alpha.clamp_min(1e-10)
     depth = torch.where(alpha > 0, depth, torch.zeros_like(depth))

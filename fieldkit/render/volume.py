@@ -325,6 +325,44 @@ def prune_terminated(sigmas: Tensor, samples: Samples, early_stop_eps: float = 1
     return keep
 
 
+@torch.no_grad()
+def march_densities(density_fn, points: Tensor, samples: Samples, early_stop_eps: float, first: int = 16):
+    """Densities of packed samples, evaluated front to back in rounds, stopping rays early.
+
+    Round k evaluates the next ``first * 2^k`` samples of every ray whose transmittance is still
+    >= ``early_stop_eps``; samples behind a ray's termination point are never evaluated (their
+    sigma is 0 and ``evaluated`` False). ``density_fn`` may return (sigma, extra); extra rows are
+    gathered the same way (zeros where not evaluated). Returns (sigma [S], extra or None, evaluated [S]).
+    """
+    S, R = len(samples), samples.n_rays
+    starts, counts = segment_starts(samples.ray_ids, R)
+    rank = torch.arange(S, device=points.device) - starts[samples.ray_ids]
+    sigma = torch.zeros(S, device=points.device, dtype=points.dtype)
+    evaluated = torch.zeros(S, dtype=torch.bool, device=points.device)
+    extra = None
+    tau = torch.zeros(R, device=points.device, dtype=torch.float64)
+    alive = counts > 0
+    lo, size = 0, first
+    limit = math.log(1.0 / early_stop_eps) if early_stop_eps > 0 else math.inf
+    max_count = int(counts.max()) if R else 0
+    while lo < max_count and bool(alive.any()):
+        sel = ((rank >= lo) & (rank < lo + size) & alive[samples.ray_ids]).nonzero()[:, 0]
+        if sel.numel():
+            out = density_fn(points[sel])
+            if isinstance(out, tuple):  # (sigma, something field_fn can reuse for the kept samples)
+                out, more = out
+                if extra is None:
+                    extra = torch.zeros((S, *more.shape[1:]), dtype=more.dtype, device=more.device)
+                extra[sel] = more
+            sigma[sel] = out.to(sigma.dtype)
+            evaluated[sel] = True
+            tau.index_add_(0, samples.ray_ids[sel], (out * samples.deltas[sel]).double())
+            alive &= tau < limit
+        lo += size
+        size *= 2
+    return sigma, extra, evaluated
+
+
 # ---------------------------------------------------------------------------------------------
 # Everything together
 # ---------------------------------------------------------------------------------------------
@@ -373,11 +411,8 @@ def render_rays(
     points = space.to_unit(samples.points(rays))
     extra = None
     if density_fn is not None and len(samples) and (early_stop_eps > 0 or alpha_thre > 0):
-        with torch.no_grad():
-            sig = density_fn(points)
-        if isinstance(sig, tuple):  # (sigma, something field_fn can reuse for the kept samples)
-            sig, extra = sig
-        keep = prune_terminated(sig, samples, early_stop_eps, alpha_thre)
+        sig, extra, evaluated = march_densities(density_fn, points, samples, early_stop_eps)
+        keep = evaluated & prune_terminated(sig, samples, early_stop_eps, alpha_thre)
         samples = samples.select(keep)
         points = points[keep]
         extra = extra[keep] if extra is not None else None

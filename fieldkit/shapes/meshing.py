@@ -114,8 +114,25 @@ def sample_grid(field: FieldFn, grid: GridSpec, coarse_stride: int = 4, near: Ca
     return values, evaluated
 
 
-def extract_mesh(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int = 256, coarse_resolution: int = 64, near: Callable[[float], float] | float = 0.0, project: Callable[[np.ndarray, float], np.ndarray] | None = None):
-    """Watertight mesh (trimesh.Trimesh) of ``field > 0`` inside the box [lo, hi] (outside it counts as empty)."""
+def drop_unsupported_components(mesh, support: np.ndarray, tolerance: float):
+    """Keep the connected components that pass within ``tolerance`` of a ``support`` point (e.g. a contour
+    vertex): a blob that touches no input contour has no evidence behind it. Returns (mesh, dropped)."""
+    import trimesh
+    from scipy.spatial import cKDTree
+
+    parts = mesh.split(only_watertight=False)
+    if len(parts) <= 1 or len(support) == 0:
+        return mesh, 0
+    tree = cKDTree(np.asarray(support, np.float64))
+    keep = [part for part in parts if np.isfinite(tree.query(part.vertices, distance_upper_bound=tolerance)[0]).any()]
+    if not keep or len(keep) == len(parts):
+        return mesh, 0
+    return trimesh.util.concatenate(keep), len(parts) - len(keep)
+
+
+def extract_mesh(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int = 256, coarse_resolution: int = 64, near: Callable[[float], float] | float = 0.0, project: Callable[[np.ndarray, float], np.ndarray] | None = None, support: np.ndarray | None = None):
+    """Watertight mesh (trimesh.Trimesh) of ``field > 0`` inside the box [lo, hi] (outside it counts as empty).
+    With ``support`` points, components passing farther than two cells from all of them are dropped."""
     import trimesh
     from skimage.measure import marching_cubes
 
@@ -132,12 +149,15 @@ def extract_mesh(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int
     verts = verts + grid.origin
     if project is not None:
         verts = project(verts, grid.spacing)
+    # marching cubes already dropped exactly degenerate triangles; removing near-degenerate slivers here
+    # would open cracks, so the mesh is kept as extracted (duplicate vertices merged)
     mesh = trimesh.Trimesh(verts, faces, process=True)
-    mesh.update_faces(mesh.nondegenerate_faces())
-    mesh.remove_unreferenced_vertices()
+    dropped = 0
+    if support is not None:
+        mesh, dropped = drop_unsupported_components(mesh, support, 2.0 * grid.spacing)
     if mesh.volume < 0:
         mesh.invert()
-    info = {"evaluations": evaluated, "spacing": grid.spacing, "grid": list(grid.shape)}
+    info = {"evaluations": evaluated, "spacing": grid.spacing, "grid": list(grid.shape), "dropped_components": dropped}
     return mesh, info
 
 

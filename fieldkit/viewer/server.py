@@ -188,6 +188,10 @@ class ClientSession:
             self._stopped = True
             self._cond.notify_all()
 
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
     @property
     def view(self) -> ViewCamera | None:
         return self._view
@@ -252,9 +256,9 @@ class ClientSession:
                     self.client.scene.set_background_image(frame.image, format="jpeg", jpeg_quality=cfg.jpeg_quality, depth=frame.depth)
                 else:
                     self.client.scene.set_background_image(frame.image, format="png", depth=frame.depth)
-                seconds = frame.render_seconds
+                seconds = time.perf_counter() - started - frame.wait_seconds  # render + colouring + encoding
                 if kind == "move":
-                    self.viewer.record_frame_time(width * height, time.perf_counter() - started - frame.wait_seconds)
+                    self.viewer.record_frame_time(width * height, seconds)
                 self.frames_sent += 1
                 self.last_frame = (kind, width, height)
                 self._rendered_version = version
@@ -718,10 +722,16 @@ class Viewer:
         return f"http://{host}:{self.port}"
 
     def stop(self) -> None:
+        """Stop the server and wait (briefly) for the render threads to finish their frame."""
         self._stopped.set()
-        for session in self.sessions():
+        sessions = self.sessions()
+        for session in sessions:
             session.stop()
         self.server.stop()
+        for session in sessions:
+            session.join(5.0)
+        if self._ticker is not threading.current_thread():
+            self._ticker.join(5.0)
 
     def wait(self) -> None:
         """Block until Ctrl-C (or :meth:`stop`)."""

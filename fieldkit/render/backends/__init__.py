@@ -19,18 +19,29 @@ log = logging.getLogger("fieldkit")
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "gsplat")
 
 
+def _torch_intersect(*args, **kwargs):
+    from fieldkit.render.tiles import intersect_tiles
+
+    return intersect_tiles(*args, **kwargs)
+
+
 @dataclass(frozen=True)
 class Backend:
+    """``project`` and ``composite`` are differentiable; ``intersect`` (tile binning) is not and
+    must return exactly the lists of :func:`fieldkit.render.tiles.intersect_tiles`."""
+
     name: str
     project: Callable
     composite: Callable
+    intersect: Callable = _torch_intersect
 
 
 def _torch_backend() -> Backend:
     from fieldkit.render.composite import composite_tiles
     from fieldkit.render.projection import project_gaussians
+    from fieldkit.render.tiles import intersect_tiles
 
-    return Backend("torch", project_gaussians, composite_tiles)
+    return Backend("torch", project_gaussians, composite_tiles, intersect_tiles)
 
 
 def _native_backend(name: str) -> tuple[Backend | None, str]:

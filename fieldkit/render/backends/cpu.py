@@ -165,7 +165,7 @@ def backend():
     from fieldkit.render.backends import Backend
 
     extension()
-    return Backend("cpu", project_gaussians_cpu, composite_tiles_cpu)
+    return Backend("cpu", project_gaussians_cpu, composite_tiles_cpu, intersect_tiles_cpu)
 
 
 # ---------------------------------------------------------------------------------------------
