@@ -78,7 +78,7 @@ def main() -> int:
     parser.add_argument("--skip-table", action="store_true", help="only make the --picture")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) after OReX's setting; CPU count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}; OReX runs on {OReXConfig().threads or torch.get_num_threads()} thread(s); CPU count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in [] if args.skip_table else args.inputs:
         path = find_input(name)

@@ -251,10 +251,15 @@ def run_render(cmd: RenderCommand) -> Path:
 
 
 def run_export(cmd: ExportCommand) -> Path:
-    method, _, record, _ = load_run(cmd.run)
+    method, scene, record, _ = load_run(cmd.run)
     out = cmd.output or cmd.run / "exports" / f"model.{cmd.format}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    path = method.export(cmd.format, out)
+    if cmd.format == "mesh" and "mesh" not in getattr(method, "export_formats", ()):
+        from fieldkit.export.mesh import export_mesh  # TSDF fusion of rendered depth (e.g. Gaussian runs)
+
+        path = export_mesh(method, out if cmd.output else out.with_suffix(".ply"), scene, tsdf=True)
+    else:
+        path = method.export(cmd.format, out)
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")
     return path
 

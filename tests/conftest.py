@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+import fieldkit  # noqa: F401  (sets OMP_WAIT_POLICY before any test imports torch)
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("FIELDKIT_SHARED_DATA", REPO_ROOT.parent / "shared" / "data"))
 

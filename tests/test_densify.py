@@ -265,9 +265,9 @@ def test_schedule_matches_3dgs_reference() -> None:
     [
         (30_000, 500, 15_000, 3000),
         (7000, 116, 3500, 700),  # 500 * 7000 / 30000 = 116.67 -> 116
-        (2300, 100, 1150, 230),  # float int(3000 * (2300 / 30000)) gave 229
+        (2300, 100, 1150, 500),  # resets never closer than min_reset_interval (500)
         (7900, 131, 3950, 790),  # float gave stop 3949 and reset 789
-        (1000, 100, 500, 100),  # start and reset never below one interval
+        (1000, 100, 500, 500),  # start never below one interval; resets at least 500 apart
         (60_000, 1000, 30_000, 6000),
     ],
 )

@@ -35,6 +35,8 @@ class GSConfig:
     """Random initial Gaussians when the scene has no sparse points (3DGS uses 100k on Blender; fewer is much faster on a CPU)."""
     init_opacity: float = 0.1
     ssim_lambda: float = 0.2
+    s3im_weight: float = 0.0
+    """Weight of the S3IM loss (patch form: 4096 random pixels of the rendered view); 0 disables it."""
     lr_means: float = 1.6e-4
     lr_means_final: float = 1.6e-6
     """Position learning rates (x scene extent), decayed log-linearly over the run."""
@@ -163,6 +165,10 @@ class GaussianSplatting(Method):
                 )
         out = self._render_params(camera, self.active_sh_degree(step))
         loss = gaussian_splat_loss(out.rgb, target, self.config.ssim_lambda)
+        if self.config.s3im_weight > 0:
+            from fieldkit.losses_s3im import s3im_image_loss
+
+            loss = loss + self.config.s3im_weight * s3im_image_loss(out.rgb, target, generator=self.generator)
         loss.backward()
         if out.means2d.grad is not None:
             self.densifier.observe(out.means2d.grad, out.radii, camera.width, camera.height)

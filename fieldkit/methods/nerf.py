@@ -54,7 +54,7 @@ class NerfConfig:
     s3im_patch_height: int = 64
     rays_per_batch: int = 4096
     """Rays in the first step (64 x 64 = 4096 is S3IM's virtual patch); then see target_samples."""
-    target_samples: int = 1 << 17
+    target_samples: int = 1 << 16
     """Adapt the rays per step (in multiples of 64) so each step renders about this many samples
     (nerfacc's dynamic batch); 0 keeps rays_per_batch fixed."""
     max_rays_per_batch: int = 1 << 14
@@ -73,7 +73,7 @@ class NerfConfig:
     weight_decay: float = 1e-6
     """L2 on the MLP weights (instant-ngp's 1e-6)."""
     warmup_steps: int = 100
-    samples_per_diagonal: int = 512
+    samples_per_diagonal: int = 256
     """Render step = scene-box diagonal / this (bounded); the cube side / this for contracted scenes."""
     grid_resolution: int = 128
     """Occupancy grid cells per axis."""
@@ -341,7 +341,8 @@ class NeRF(Method):
             raise ValueError(f"method nerf exports mesh, not {fmt!r}")
         from fieldkit.export.mesh import export_field_mesh
 
-        return export_field_mesh(self, Path(path))
+        path = Path(path)
+        return export_field_mesh(self, path if path.suffix.lower() == ".ply" else path.with_suffix(".ply"))
 
 
 def config_to_dict(config: NerfConfig) -> dict[str, Any]:

@@ -34,6 +34,9 @@ class DensifyConfig:
     prune_opacity: float = 0.005
     prune_screen_radius: float = 20.0
     prune_world_scale: float = 0.1
+    min_reset_interval: int = 500
+    """When the schedule is shrunk to a short run, opacity resets stay at least this many steps
+    apart: each reset needs a few hundred steps to recover (resets every 100 steps collapse the model)."""
     max_gaussians: int = 1_000_000
     """Growth stops here (a memory/speed cap; the 3DGS reference has none)."""
 
@@ -46,7 +49,7 @@ class DensifyConfig:
             self,
             start_step=max(self.interval, scale(self.start_step)),
             stop_step=scale(self.stop_step),
-            reset_opacity_every=max(self.interval, scale(self.reset_opacity_every)),
+            reset_opacity_every=max(self.interval, self.min_reset_interval, scale(self.reset_opacity_every)),
         )
 
 

@@ -62,8 +62,11 @@ _resolved: dict[tuple[str, str], Backend] = {}
 def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
     """Backend by name; ``auto`` picks cuda (GPU tensors), else the native CPU build, else torch.
 
-    An explicit name that cannot be used raises; ``auto`` says once, in one line, what it fell
-    back from and why.
+    ``auto`` goes by where the tensors are: CUDA tensors -> cuda, else torch (which runs on the
+    GPU too; the cpu backend cannot take GPU tensors); CPU tensors -> cpu, else torch. Not using
+    cuda for CPU tensors is expected and silent (one info line when a GPU is present). An explicit
+    name that cannot be used raises; ``auto`` warns once, in one line, what it fell back from and
+    why.
     """
     device = torch.device(device)
     key = (name, device.type)
@@ -83,5 +86,7 @@ def get_backend(name: str, device: torch.device | str = "cpu") -> Backend:
         if backend is None:
             backend = _torch_backend()
             log.warning("backend auto: using torch, not %s (%s)", preferred, reason)
+        elif preferred == "cpu" and torch.cuda.is_available():
+            log.info("backend auto: tensors are on the CPU, using cpu (move them to a GPU for cuda)")
     _resolved[key] = backend
     return backend
