@@ -2,7 +2,7 @@
 # One call on a machine with an NVIDIA GPU: build, check and time the CUDA backend, with gsplat
 # measured in the same run when it is installed.
 #
-#   benchmarks/gpu_check.sh [OUT_DIR]      (default: benchmarks/gpu_check_out/<UTC time>)
+#   benchmarks/gpu_check.sh [OUT_DIR]      (default: ${TMPDIR:-/tmp}/fieldkit_gpu_check/<UTC time>)
 #
 # Steps (each logs to OUT_DIR/<step>.log; a failing step is reported and the others still run):
 #   env        GPU, driver, nvcc, torch, gsplat versions
@@ -23,7 +23,7 @@
 # Exit status: the number of failed steps (0: everything passed).
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${1:-benchmarks/gpu_check_out/$(date -u +%Y%m%dT%H%M%SZ)}
+OUT=${1:-${TMPDIR:-/tmp}/fieldkit_gpu_check/$(date -u +%Y%m%dT%H%M%SZ)}
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 PY=${PYTHON:-python}

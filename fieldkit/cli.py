@@ -58,6 +58,8 @@ class TrainCommand:
     """Viewer port; 0 picks a free one (the URL is printed)."""
     s3im_weight: Optional[float] = None
     """S3IM loss weight for the chosen method (sets --gs.s3im-weight or --nerf.s3im-weight)."""
+    optimizer: Optional[Literal["adam", "lm"]] = None
+    """gs: adam, or lm (Adam through densification, then Levenberg-Marquardt for the last --gs.lm.iterations steps); sets --gs.optimizer."""
     data: DataOptions = field(default_factory=DataOptions)
     gs: GSConfig = field(default_factory=GSConfig)
     orex: OReXConfig = field(default_factory=OReXConfig)
@@ -137,6 +139,10 @@ def run_train(cmd: TrainCommand) -> Path:
         if not hasattr(method_config, "s3im_weight"):
             raise ValueError(f"method {method_name} has no S3IM loss (--s3im-weight)")
         method_config = dataclasses.replace(method_config, s3im_weight=cmd.s3im_weight)
+    if cmd.optimizer is not None:
+        if not hasattr(method_config, "optimizer"):
+            raise ValueError(f"method {method_name} has no --optimizer choice")
+        method_config = dataclasses.replace(method_config, optimizer=cmd.optimizer)
     trainer_config = TrainerConfig(max_steps=max_steps, eval_every=cmd.eval_every, save_every=cmd.save_every, seed=cmd.seed)
     record = RunRecord(
         method=method_name,

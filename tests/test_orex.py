@@ -24,6 +24,14 @@ from fieldkit.shapes.sampling import SamplingConfig, ScaledHull, level_samples  
 from fieldkit.shapes.slicer import slice_mesh  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def restore_torch_threads():
+    """OReX runs single-threaded (its config sets torch's thread count): give the rest of the suite its own back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def sphere_field(radius=0.6, centre=(0.0, 0.0, 0.0)):
     return lambda p: radius - np.linalg.norm(np.asarray(p) - centre, axis=1)
 

@@ -151,8 +151,9 @@ def test_sphere_silhouette_and_occupancy_grid_skipping():
     assert torch.allclose(depth[inside].min(), torch.tensor(3.5), atol=0.02)
 
     grid = OccupancyGrid(32)
-    for _ in range(3):
-        grid.update(lambda u: density(u) * 0.01, all_cells=True)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(20):  # one random point per cell per update: enough updates to find the boundary cells
+        grid.update(lambda u: density(u) * 0.01, all_cells=True, generator=gen)
     assert 0.01 < grid.occupancy_fraction() < 0.1  # sphere volume / box volume = 0.065 (plus boundary cells)
     skipped = render_camera(field, cam, space, 0.01, background=torch.zeros(3), density_fn=density, occupancy=grid)
     # same image up to where the bins start (the march begins at the occupied box, not the scene box)

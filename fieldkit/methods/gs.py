@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -17,6 +17,7 @@ from fieldkit.losses import gaussian_splat_loss
 from fieldkit.methods.base import Method
 from fieldkit.models.gaussians import Splats, rgb_to_sh_dc
 from fieldkit.optim.densify import Densifier, DensifyConfig
+from fieldkit.optim.levenberg_marquardt import LMConfig
 from fieldkit.optim.schedules import exponential_decay
 from fieldkit.render import rasterize
 
@@ -46,6 +47,9 @@ class GSConfig:
     lr_scales: float = 0.005
     lr_quats: float = 0.001
     densify: DensifyConfig = field(default_factory=DensifyConfig)
+    optimizer: Literal["adam", "lm"] = "adam"
+    """adam, or lm: Adam through densification, then Levenberg-Marquardt for the last lm.iterations steps (3DGS-LM)."""
+    lm: LMConfig = field(default_factory=LMConfig)
     scale_schedule_to_steps: bool = True
     """Stretch densification and SH schedules (written for 30k steps) to --max-steps."""
 
@@ -116,6 +120,11 @@ class GaussianSplatting(Method):
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in self.params.items()}
         self.optimizer = self._make_optimizer()
         self.densifier = Densifier(densify, self.scene_extent, len(splats), self.device)
+        self.lm_phase = None
+        if config.optimizer == "lm":
+            from fieldkit.optim.levenberg_marquardt import SplatLMPhase
+
+            self.lm_phase = SplatLMPhase(config.lm, max_steps, densify.stop_step, self.device)
 
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
@@ -155,6 +164,10 @@ class GaussianSplatting(Method):
         )
 
     def train_step(self, step: int) -> dict[str, float]:
+        if self.lm_phase is not None and self.lm_phase.active(step):
+            stats = self.lm_phase.train_step(self, step)
+            if stats is not None:
+                return stats
         view = self._next_view()
         camera = self.train_cameras[view]
         target = self.train_images[view : view + 1]

@@ -595,7 +595,12 @@ class LevenbergMarquardt:
             if estimate is not None:
                 used = estimate(theta, order[0])
             else:  # linearise one image and measure what stayed allocated
-                lin, used = self._linearize_measured(problem, theta, order[:1])
+                try:
+                    lin, used = self._linearize_measured(problem, theta, order[:1])
+                except Exception as error:  # noqa: BLE001 - only allocation failures are handled
+                    if not is_out_of_memory(error):
+                        raise
+                    raise LMOutOfMemory(f"linearising one image ran out of memory ({str(error).splitlines()[0][:200]})") from None
                 del lin
             self.bytes_per_image = int(used * 1.25)  # margin for CG vectors and allocator slack
         plan = plan_batches(self.config, problem.num_images, self.bytes_per_image, self.device)
@@ -713,3 +718,56 @@ def make_problem(
                 raise RuntimeError(f"LM native cache unavailable: {error}") from error
             log.warning("LM: native gradient cache unavailable (%s); using the torch.func reference", error)
     return layout, ReferenceProblem(layout, cameras, images, sh_degree, background, config, generator), "reference"
+
+
+# ---------------------------------------------------------------------------------------------
+# The LM phase of Gaussian splatting training (``--optimizer lm``)
+# ---------------------------------------------------------------------------------------------
+class SplatLMPhase:
+    """Runs the last ``config.iterations`` training steps of a GaussianSplatting method as LM iterations.
+
+    LM starts at ``max(max_steps - iterations, densify_stop)``: never while densification still
+    edits the Gaussians. Parameters are updated in place (the Adam optimizer keeps its
+    ``Parameter`` objects). When one image's Jacobian state does not fit in memory the phase
+    says so once and the method continues with Adam.
+    """
+
+    def __init__(self, config: LMConfig, max_steps: int, densify_stop: int, device: torch.device | str = "cpu"):
+        self.config = config
+        self.start_step = max(max_steps - config.iterations, densify_stop)
+        self.solver = LevenbergMarquardt(config, device)
+        self.disabled_reason: str | None = None
+        self.backend: str | None = None
+        if self.start_step >= max_steps and config.iterations > 0:
+            log.warning(
+                "LM: densification runs until step %d of %d, so no LM iteration fits; raise --max-steps", densify_stop, max_steps
+            )
+
+    def active(self, step: int) -> bool:
+        return self.disabled_reason is None and step >= self.start_step
+
+    def train_step(self, method, step: int) -> dict[str, float] | None:
+        """One LM iteration on ``method.params``; None when LM is unavailable (caller uses Adam)."""
+        params = method.params
+        sh_degree = method.active_sh_degree(step)
+        try:
+            layout, problem, backend = make_problem(
+                {k: v.detach() for k, v in params.items()}, method.train_cameras, method.train_images, sh_degree,
+                method.background, self.config, self.solver.generator,
+            )
+            if self.backend is None:
+                log.info("LM: from step %d, %s Jacobian products", step, backend)
+            self.backend = backend
+            theta = layout.flatten(params)
+            theta_new, stats = self.solver.step(problem, theta)
+        except LMOutOfMemory as error:
+            self.disabled_reason = str(error)
+            log.warning("LM: %s; continuing with Adam", error)
+            return None
+        if self.solver.last_plan is not None and step == self.start_step:
+            log.info("%s", self.solver.last_plan.describe())
+        with torch.no_grad():
+            for name, value in layout.unflatten(theta_new).items():
+                params[name].copy_(value)
+        out = {"loss": stats.cost_after, **stats.as_dict()}
+        return out
