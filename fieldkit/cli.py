@@ -18,6 +18,7 @@ from fieldkit import __version__
 from fieldkit.io_atomic import atomic_path
 from fieldkit.methods import default_method_for, describe_methods, load_method_classes
 from fieldkit.methods.gs import GSConfig
+from fieldkit.methods.gs_compact import CompactConfig
 from fieldkit.methods.orex import OReXConfig
 from fieldkit.shapes.cli_slice import SliceCommand, run_slice
 from fieldkit.methods.nerf import NerfConfig
@@ -27,7 +28,7 @@ from fieldkit.regress import RegressCommand, run_regress
 from fieldkit.trainer import Trainer, TrainerConfig
 from fieldkit.viewer.command import ViewCommand, run_view
 
-MethodName = Literal["gs", "nerf", "orex"]
+MethodName = Literal["gs", "gs-compact", "nerf", "orex"]
 BackendName = Literal["auto", "torch", "cpu", "cuda", "gsplat"]
 
 
@@ -62,6 +63,7 @@ class TrainCommand:
     """gs: adam, or lm (Adam through densification, then Levenberg-Marquardt for the last --gs.lm.iterations steps); sets --gs.optimizer."""
     data: DataOptions = field(default_factory=DataOptions)
     gs: GSConfig = field(default_factory=GSConfig)
+    gs_compact: CompactConfig = field(default_factory=CompactConfig)
     orex: OReXConfig = field(default_factory=OReXConfig)
     nerf: NerfConfig = field(default_factory=NerfConfig)
 
@@ -95,7 +97,7 @@ class ExportCommand:
     """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte); orex: mesh (.obj/.ply/.stl/.glb from the -o suffix)."""
 
     run: tyro.conf.Positional[Path]
-    format: Literal["ply", "splat", "mesh"] = "ply"
+    format: Literal["ply", "splat", "mesh", "compact"] = "ply"
     output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
     """File to write (default: <run>/exports/model.<format>)."""
 
@@ -134,7 +136,7 @@ def run_train(cmd: TrainCommand) -> Path:
         images, _ = scene.subset("train")
         print(f"Scene {scene.name or data_path.name}: {len(scene.split['train'])} train / {len(scene.split.get('test', []))} test views at {images.shape[2]}x{images.shape[1]}")
 
-    method_config = getattr(cmd, method_name, None) or config_cls()
+    method_config = getattr(cmd, method_name.replace("-", "_"), None) or config_cls()
     if cmd.s3im_weight is not None:
         if not hasattr(method_config, "s3im_weight"):
             raise ValueError(f"method {method_name} has no S3IM loss (--s3im-weight)")

@@ -334,7 +334,7 @@ class Problem(Protocol):
 
     def linearize(self, theta: Tensor, images: Sequence[int]) -> Linearization: ...
 
-    def residuals_and_jvp(self, theta: Tensor, images: Sequence[int], p: Tensor) -> tuple[Tensor, Tensor]: ...
+    def model_terms(self, theta: Tensor, images: Sequence[int], delta: Tensor) -> tuple[float, float, float]: ...
 
 
 class ReferenceLinearization:
@@ -429,10 +429,14 @@ class ReferenceProblem:
 
         return fn
 
-    def residuals_and_jvp(self, theta: Tensor, images: Sequence[int], p: Tensor) -> tuple[Tensor, Tensor]:
-        """(F, J p) in one forward-mode pass."""
-        out, tangent = torch.func.jvp(self.residual_fn(theta, images), (theta.detach(),), (p.to(theta),))
-        return out.detach(), tangent.detach()
+    def model_terms(self, theta: Tensor, images: Sequence[int], delta: Tensor) -> tuple[float, float, float]:
+        """(E, grad E . delta, ||J delta||^2) on ``images``, from one forward-mode pass.
+
+        The Gauss-Newton model is E(x + g delta) ~ E + g grad E . delta + g^2 ||J delta||^2
+        (= ||F + g J delta||^2 here, where grad E = 2 J^T F exactly).
+        """
+        out, tangent = torch.func.jvp(self.residual_fn(theta, images), (theta.detach(),), (delta.to(theta),))
+        return float(out.square().sum()), 2.0 * float(torch.dot(out, tangent)), float(tangent.square().sum())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -672,11 +676,10 @@ class LevenbergMarquardt:
         else:
             pick = torch.randperm(len(images), generator=self.generator)[:count].tolist()
             subset = [images[i] for i in sorted(pick)]
-        F, JD = problem.residuals_and_jvp(theta, subset, delta)
-        cost0 = float(F.square().sum())
+        cost0, slope, curvature = problem.model_terms(theta, subset, delta)
 
         def model(gamma: float) -> float:
-            return float((F + gamma * JD).square().sum())
+            return cost0 + gamma * slope + gamma * gamma * curvature
 
         gamma = 1.0
         best_gamma, best_cost = gamma, problem.cost(theta + gamma * delta, subset)

@@ -1,0 +1,186 @@
+"""The ``.fkc`` compressed file of a Compact Gaussians model (layout: docs/compact.md).
+
+``write_compact(path, method)`` stores the live (unmasked) Gaussians of a ``gs-compact`` method:
+half-precision positions in Morton order, 8-bit opacity, residual-VQ indices of scale and
+rotation (+ fp16 codebooks), the 8-bit hash grid and fp16 MLP of the colour field, each section
+LZMA-coded. ``read_compact(path)`` returns a :class:`CompactModel` that renders like the method.
+"""
+
+from __future__ import annotations
+
+import json
+import lzma
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fieldkit.cameras import Cameras
+from fieldkit.fields.hashgrid import HashGridConfig
+from fieldkit.io_atomic import atomic_path
+from fieldkit.models.compact import MASK_EPS, ColorField, ResidualVQ, lookup_codebooks
+
+MAGIC = b"FKC1"
+HASH_ZERO_THRESHOLD = 0.0
+"""Hash-grid values with |v| below this are zeroed before 8-bit quantisation (Compact-3DGS: 0.1;
+0 here because short CPU runs leave most table entries small; see docs/compact.md)."""
+
+
+def morton_order(points: np.ndarray, bits: int = 21) -> np.ndarray:
+    """Argsort of the 3D Morton (Z-order) codes of points quantised to ``bits`` per axis over their box."""
+    low, high = points.min(0), points.max(0)
+    q = ((points - low) / np.maximum(high - low, 1e-12) * ((1 << bits) - 1)).astype(np.uint64)
+    code = np.zeros(len(points), np.uint64)
+    for b in range(bits):
+        for axis in range(3):
+            code |= ((q[:, axis] >> np.uint64(b)) & np.uint64(1)) << np.uint64(3 * b + axis)
+    return np.argsort(code, kind="stable")
+
+
+def _quantise_u8(values: np.ndarray) -> tuple[np.ndarray, float, float]:
+    lo, hi = float(values.min()) if values.size else 0.0, float(values.max()) if values.size else 1.0
+    span = max(hi - lo, 1e-12)
+    return np.round((values - lo) / span * 255).astype(np.uint8), lo, hi
+
+
+def _dequantise_u8(q: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    return lo + q.astype(np.float32) / 255 * (hi - lo)
+
+
+def _byte_planes(a: np.ndarray) -> bytes:
+    """Bytes of a little-endian array regrouped plane by plane (all low bytes, then high bytes...)."""
+    raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1, a.dtype.itemsize)
+    return raw.T.tobytes()
+
+
+def _from_byte_planes(data: bytes, dtype: str, shape: tuple[int, ...]) -> np.ndarray:
+    item = np.dtype(dtype).itemsize
+    raw = np.frombuffer(data, np.uint8).reshape(item, -1).T
+    return np.ascontiguousarray(raw).view(dtype).reshape(shape)
+
+
+@torch.no_grad()
+def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THRESHOLD) -> dict[str, int]:
+    """Write ``method`` (a CompactGaussians) to ``path``; returns compressed bytes per section."""
+    p = {k: v.detach().cpu().float() for k, v in method.params.items()}
+    live = torch.sigmoid(p["mask_logits"]) > MASK_EPS
+    means = p["means"][live].numpy()
+    order = morton_order(means)
+    means = means[order]
+    scales = torch.exp(p["log_scales"][live])[order]
+    quats = p["quats"][live][order]
+    quats = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    opacity = torch.sigmoid(p["opacity_logits"][live])[order].numpy()
+
+    rvqs = []
+    for name, vq, x in (("scale", method.rvq_scale, scales), ("rot", method.rvq_rot, quats)):
+        vq = vq.cpu() if method.rvq_active else None
+        if vq is None:  # trained without VQ (short run): fit the quantiser now
+            cfg = method.config
+            vq = ResidualVQ(x.shape[1], cfg.rvq_stages, cfg.rvq_codebook_size)
+            vq.init_kmeans(x, cfg.rvq_kmeans_iters, torch.Generator().manual_seed(0))
+        idx = vq.indices(x).numpy()
+        rvqs.append((name, vq.codebooks.detach().cpu().numpy().astype(np.float16), idx.astype(np.uint8 if vq.codebooks.shape[1] <= 256 else np.uint16)))
+    method.rvq_scale.to(method.device), method.rvq_rot.to(method.device)
+
+    table = method.field.grid.params.detach().cpu().float().numpy()
+    table = np.where(np.abs(table) < hash_zero_threshold, 0.0, table).astype(np.float32)
+    table_q, t_lo, t_hi = _quantise_u8(table)
+    op_q = np.round(np.clip(opacity, 0, 1) * 255).astype(np.uint8)
+    mlp = {k: v.detach().cpu().numpy().astype(np.float16) for k, v in method.field.mlp.state_dict().items()}
+
+    sections: list[tuple[str, bytes, str, tuple[int, ...], bool]] = [
+        ("means", _byte_planes(means.astype("<f2")), "<f2", means.shape, True),
+        ("opacity", op_q.tobytes(), "u1", op_q.shape, False),
+    ]
+    for name, codebooks, idx in rvqs:
+        sections.append((f"{name}_codebooks", codebooks.astype("<f2").tobytes(), "<f2", codebooks.shape, False))
+        sections.append((f"{name}_indices", np.ascontiguousarray(idx.T).tobytes(), idx.dtype.str, idx.T.shape, False))  # stage-major
+    sections.append(("hash_table", table_q.tobytes(), "u1", table_q.shape, False))
+    for k, v in mlp.items():
+        sections.append((f"mlp.{k}", v.astype("<f2").tobytes(), "<f2", v.shape, False))
+
+    grid = method.field.grid.config
+    header = {
+        "version": 1,
+        "count": int(len(means)),
+        "hash_grid": {"n_levels": grid.n_levels, "n_features_per_level": grid.n_features_per_level,
+                      "log2_hashmap_size": grid.log2_hashmap_size, "base_resolution": grid.base_resolution,
+                      "per_level_scale": grid.per_level_scale},
+        "hash_range": [t_lo, t_hi],
+        "mlp_hidden": int(method.field.mlp[0].out_features),
+        "center": method.field.center.cpu().tolist(),
+        "half_extent": method.field.half_extent.cpu().tolist(),
+        "background": method.background.cpu().tolist(),
+        "sections": [],
+    }
+    blobs, sizes = [], {}
+    for name, raw, dtype, shape, planes in sections:
+        blob = lzma.compress(raw, preset=9 | lzma.PRESET_EXTREME)
+        blobs.append(blob)
+        sizes[name] = len(blob)
+        header["sections"].append({"name": name, "dtype": dtype, "shape": list(shape), "byte_planes": planes, "bytes": len(blob)})
+    head = json.dumps(header, separators=(",", ":")).encode()
+    with atomic_path(Path(path)) as tmp:
+        with open(tmp, "wb") as f:
+            f.write(MAGIC + struct.pack("<I", len(head)) + head)
+            for blob in blobs:
+                f.write(blob)
+    return sizes
+
+
+@dataclass
+class CompactModel:
+    """A decoded ``.fkc``: fixed geometry plus the colour field; ``render`` matches the method's."""
+
+    means: Tensor
+    quats: Tensor
+    scales: Tensor
+    opacities: Tensor
+    field: ColorField
+    background: Tensor
+
+    def __len__(self) -> int:
+        return self.means.shape[0]
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras, backend: str = "auto") -> dict[str, Tensor]:
+        from fieldkit.render import rasterize
+
+        rgbs = []
+        for i in range(len(cameras)):
+            cam = cameras[i]
+            dc = self.field(self.means, cam.centers[0].to(self.means))
+            out = rasterize(self.means, self.quats, self.scales, self.opacities, dc[:, None, :], cam, sh_degree=0,
+                            background=self.background, backend=backend)
+            rgbs.append(out.rgb)
+        return {"rgb": torch.cat(rgbs).clamp(0, 1)}
+
+
+def read_compact(path: Path) -> CompactModel:
+    data = Path(path).read_bytes()
+    if data[:4] != MAGIC:
+        raise ValueError(f"{path}: not a fieldkit compact file (magic {data[:4]!r})")
+    (head_len,) = struct.unpack("<I", data[4:8])
+    header = json.loads(data[8 : 8 + head_len])
+    offset = 8 + head_len
+    arrays: dict[str, np.ndarray] = {}
+    for s in header["sections"]:
+        raw = lzma.decompress(data[offset : offset + s["bytes"]])
+        offset += s["bytes"]
+        shape = tuple(s["shape"])
+        arrays[s["name"]] = _from_byte_planes(raw, s["dtype"], shape) if s["byte_planes"] else np.frombuffer(raw, s["dtype"]).reshape(shape)
+    means = torch.from_numpy(arrays["means"].astype(np.float32))
+    opac = torch.from_numpy(arrays["opacity"].astype(np.float32) / 255)
+    scales = lookup_codebooks(torch.from_numpy(arrays["scale_codebooks"].astype(np.float32)), torch.from_numpy(arrays["scale_indices"].T.astype(np.int64)))
+    quats = lookup_codebooks(torch.from_numpy(arrays["rot_codebooks"].astype(np.float32)), torch.from_numpy(arrays["rot_indices"].T.astype(np.int64)))
+    grid = HashGridConfig(**header["hash_grid"])
+    field = ColorField(grid, header["mlp_hidden"], torch.tensor(header["center"]), torch.tensor(header["half_extent"]))
+    lo, hi = header["hash_range"]
+    with torch.no_grad():
+        field.grid.params.copy_(torch.from_numpy(_dequantise_u8(arrays["hash_table"], lo, hi)))
+        field.mlp.load_state_dict({k[4:]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("mlp.")})
+    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]))

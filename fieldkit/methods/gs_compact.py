@@ -1,0 +1,288 @@
+"""Compact Gaussians (``--method gs-compact``): Compact-3DGS (Lee et al., CVPR 2024) on the 3DGS recipe.
+
+Differences from ``gs`` (see docs/compact.md):
+* a learnable volume mask per Gaussian (straight-through, multiplies scale and opacity), a mask
+  loss λ_m·mean(σ(m)), and hard pruning of σ(m) <= 0.01 at every densification refine and every
+  ``mask_prune_every`` steps afterwards;
+* colour from a shared hash-grid field at the contracted centre + an MLP on the view direction
+  (no per-Gaussian SH);
+* residual VQ of scale (after exp) and unit rotation for the last ``rvq_steps`` steps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fieldkit.cameras import Cameras
+from fieldkit.data.scene import Scene
+from fieldkit.fields.hashgrid import HashGridConfig
+from fieldkit.losses import gaussian_splat_loss
+from fieldkit.methods.base import Method
+from fieldkit.methods.gs import GaussianSplatting, GSConfig, initial_splats
+from fieldkit.models.compact import ColorField, ResidualVQ, straight_through_mask, MASK_EPS
+from fieldkit.models.gaussians import Splats
+from fieldkit.optim.adam_surgery import replace_rows
+from fieldkit.optim.densify import Densifier, DensifyConfig, REFERENCE_STEPS
+from fieldkit.optim.schedules import exponential_decay
+from fieldkit.render import rasterize
+
+PARAM_NAMES = ("means", "quats", "log_scales", "opacity_logits", "mask_logits")
+
+
+@dataclass
+class CompactConfig:
+    """Compact Gaussians options (Compact-3DGS NeRF-Synthetic defaults unless noted)."""
+
+    init_random_points: int = 20_000
+    init_opacity: float = 0.1
+    ssim_lambda: float = 0.2
+    lr_means: float = 1.6e-4
+    lr_means_final: float = 1.6e-6
+    lr_opacity: float = 0.05
+    lr_scales: float = 0.005
+    lr_quats: float = 0.001
+    lambda_mask: float = 4e-3
+    """Mask loss weight (Compact-3DGS: 4e-3 synthetic, 5e-4 real scenes)."""
+    mask_lr: float = 0.01
+    mask_prune_every: int = 1000
+    """Hard-prune masked Gaussians this often (at 30k steps; scaled) after densification."""
+    hash_levels: int = 16
+    hash_features: int = 2
+    hash_log2_size: int = 13
+    """log2 hash-table size T (Compact-3DGS: 19 real, 16 synthetic; smaller here for the file size at CPU-scale runs)."""
+    hash_base_resolution: int = 16
+    hash_per_level_scale: float = 1.447
+    mlp_hidden: int = 64
+    net_lr: float = 0.01
+    net_warmup: int = 100
+    rvq_stages: int = 6
+    rvq_codebook_size: int = 64
+    rvq_steps: int = 1000
+    """Residual VQ is on for the last rvq_steps (of 30k; scaled to the run, at least 10)."""
+    rvq_lr: float = 1e-4
+    rvq_kmeans_iters: int = 5
+    densify: DensifyConfig = field(default_factory=DensifyConfig)
+    scale_schedule_to_steps: bool = True
+
+
+class CompactGaussians(GaussianSplatting):
+    """3DGS with a volume mask, a hash-grid colour field and residual VQ of the geometry."""
+
+    name = "gs-compact"
+    export_formats = ("ply", "splat", "compact")
+
+    def __init__(self, config: CompactConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "cpu"):
+        self.config = config
+        self.scene = scene
+        self.max_steps = max_steps
+        self.backend = backend
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+        scale = config.scale_schedule_to_steps
+        densify = config.densify.scaled_to(max_steps) if scale else config.densify
+        self.densify_config = densify
+        self.scene_extent = scene.scene_extent
+        self.train_images, self.train_cameras = scene.subset("train")
+        self.train_images = self.train_images.to(self.device)
+        self.train_cameras = self.train_cameras.to(self.device)
+        self.background = scene.background.to(self.device).float()
+        self._order: list[int] = []
+        self.lm_phase = None
+        self.rvq_start = max_steps - max(10, config.rvq_steps * max_steps // REFERENCE_STEPS) if scale else max_steps - config.rvq_steps
+        self.prune_every = max(densify.interval, config.mask_prune_every * max_steps // REFERENCE_STEPS) if scale else config.mask_prune_every
+        self.net_milestones = [m * max_steps // REFERENCE_STEPS if scale else m for m in (5000, 15000, 25000)]
+
+        splats = initial_splats(scene, GSConfig(sh_degree=0, init_random_points=config.init_random_points, init_opacity=config.init_opacity), self.generator)
+        n = len(splats)
+        params = {
+            "means": splats.means,
+            "quats": splats.quats,
+            "log_scales": splats.log_scales,
+            "opacity_logits": splats.opacity_logits,
+            "mask_logits": torch.ones(n),
+        }
+        self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
+        self.optimizer = self._make_optimizer()
+        low, high = scene.bounds
+        grid = HashGridConfig(config.hash_levels, config.hash_features, config.hash_log2_size, config.hash_base_resolution, config.hash_per_level_scale)
+        self.field = ColorField(grid, config.mlp_hidden, (low + high) / 2, ((high - low) / 2).clamp_min(1e-6), generator=self.generator).to(self.device)
+        self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=config.net_lr, eps=1e-15)
+        self.rvq_scale = ResidualVQ(3, config.rvq_stages, config.rvq_codebook_size).to(self.device)
+        self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
+        self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=config.rvq_lr)
+        self.rvq_active = False
+        self.densifier = Densifier(densify, self.scene_extent, n, self.device)
+
+    def _make_optimizer(self) -> torch.optim.Adam:
+        c = self.config
+        lrs = {"means": c.lr_means * self.scene_extent, "quats": c.lr_quats, "log_scales": c.lr_scales,
+               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr}
+        groups = [{"params": [self.params[name]], "lr": lrs[name], "name": name} for name in PARAM_NAMES]
+        return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
+
+    # -- model ---------------------------------------------------------------------------------
+
+    def geometry(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(means, unit quats, scales, opacities) after mask and (when on) residual VQ."""
+        p = self.params
+        scales = torch.exp(p["log_scales"])
+        quats = p["quats"] / p["quats"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        if self.rvq_active:
+            scales, _ = self.rvq_scale(scales)
+            quats, _ = self.rvq_rot(quats)
+        mask = straight_through_mask(p["mask_logits"])
+        return p["means"], quats, scales * mask[:, None], torch.sigmoid(p["opacity_logits"]) * mask
+
+    def _render_params(self, cameras: Cameras, sh_degree: int = 0):
+        means, quats, scales, opacities = self.geometry()
+        dc = self.field(means, cameras.centers[0].to(means))
+        return rasterize(means, quats, scales, opacities, dc[:, None, :], cameras, sh_degree=0,
+                         background=self.background, backend=self.backend)
+
+    def active_sh_degree(self, step: int) -> int:
+        return 0
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _net_lr(self, step: int) -> float:
+        lr = self.config.net_lr * min(1.0, (step + 1) / max(1, self.config.net_warmup))
+        return lr * 0.33 ** sum(step >= m for m in self.net_milestones)
+
+    @torch.no_grad()
+    def prune_masked(self) -> int:
+        keep = torch.sigmoid(self.params["mask_logits"]) > MASK_EPS
+        removed = int((~keep).sum())
+        if removed:
+            empty = {name: p.detach()[:0] for name, p in self.params.items()}
+            replace_rows(self.optimizer, self.params, keep, empty)
+            self.densifier._reset_stats(self.params["means"].shape[0], self.device)
+        return removed
+
+    def start_rvq(self) -> None:
+        with torch.no_grad():
+            scales = torch.exp(self.params["log_scales"])
+            quats = self.params["quats"] / self.params["quats"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            self.rvq_scale.init_kmeans(scales, self.config.rvq_kmeans_iters, self.generator)
+            self.rvq_rot.init_kmeans(quats, self.config.rvq_kmeans_iters, self.generator)
+        self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=self.config.rvq_lr)
+        self.rvq_active = True
+
+    def train_step(self, step: int) -> dict[str, float]:
+        if step >= self.rvq_start and not self.rvq_active:
+            self.start_rvq()
+        view = self._next_view()
+        camera = self.train_cameras[view]
+        target = self.train_images[view : view + 1]
+        for group in self.optimizer.param_groups:
+            if group["name"] == "means":
+                group["lr"] = exponential_decay(step, self.config.lr_means * self.scene_extent, self.config.lr_means_final * self.scene_extent, self.max_steps)
+        for group in self.field_optimizer.param_groups:
+            group["lr"] = self._net_lr(step)
+        out = self._render_params(camera)
+        loss = gaussian_splat_loss(out.rgb, target, self.config.ssim_lambda)
+        loss = loss + self.config.lambda_mask * torch.sigmoid(self.params["mask_logits"]).mean()
+        loss.backward()
+        if out.means2d.grad is not None:
+            self.densifier.observe(out.means2d.grad, out.radii, camera.width, camera.height)
+        self.optimizer.step()
+        self.field_optimizer.step()
+        if self.rvq_active:
+            self.rvq_optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.field_optimizer.zero_grad(set_to_none=True)
+        self.rvq_optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+        white = bool(torch.all(self.background == 1.0))
+        changes = self.densifier.step(done, self.params, self.optimizer, white_background=white)
+        d = self.densify_config
+        refined = "pruned" in changes
+        if refined or (done >= d.stop_step and done % self.prune_every == 0):
+            changes["mask_pruned"] = self.prune_masked()
+        with torch.no_grad():
+            mse = torch.mean((out.rgb.detach().clamp(0, 1) - target) ** 2)
+        stats = {"loss": float(loss.detach()), "psnr": float(-10 * torch.log10(mse.clamp_min(1e-10)))}
+        stats.update({k: float(v) for k, v in changes.items()})
+        return stats
+
+    @torch.no_grad()
+    def render(self, cameras: Cameras) -> dict[str, Tensor]:
+        outs = [self._render_params(cameras[i].to(self.device)) for i in range(len(cameras))]
+        return {"rgb": torch.cat([o.rgb for o in outs]).clamp(0, 1), "alpha": torch.cat([o.alpha for o in outs]),
+                "depth": torch.cat([o.depth for o in outs])}
+
+    def stats(self) -> dict[str, float]:
+        live = torch.sigmoid(self.params["mask_logits"].detach()) > MASK_EPS
+        return {"gaussians": float(int(live.sum()))}
+
+    # -- persistence ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def baked_dc(self, means: Tensor, n_views: int = 16) -> Tensor:
+        """View-independent DC per Gaussian: the colour field averaged over training-camera directions."""
+        feats = self.field.features(means)
+        centers = self.train_cameras.centers.to(means)
+        pick = torch.linspace(0, len(centers) - 1, min(n_views, len(centers))).round().long()
+        return torch.stack([self.field.decode(feats, means - centers[i]) for i in pick]).mean(0)
+
+    @torch.no_grad()
+    def splats(self) -> Splats:
+        """Live Gaussians with baked degree-0 colour (mask applied, VQ'd geometry when on)."""
+        means, quats, scales, opacities = self.geometry()
+        live = torch.sigmoid(self.params["mask_logits"]) > MASK_EPS
+        means, quats, scales, opacities = means[live], quats[live], scales[live], opacities[live]
+        dc = self.baked_dc(means)
+        op = opacities.clamp(1e-6, 1 - 1e-6)
+        return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), dc[:, None, :].cpu())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "params": {k: v.detach().cpu() for k, v in self.params.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "field": {k: v.detach().cpu() for k, v in self.field.state_dict().items()},
+            "field_optimizer": self.field_optimizer.state_dict(),
+            "rvq": {"scale": self.rvq_scale.state_dict(), "rot": self.rvq_rot.state_dict(), "active": self.rvq_active},
+            "generator": self.generator.get_state(),
+            "order": list(self._order),
+            "densifier": {k: getattr(self.densifier, k).detach().cpu() for k in ("grad_sum", "visible_count", "max_radius")},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in state["params"].items()}
+        self.optimizer = self._make_optimizer()
+        if "optimizer" in state:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.field.load_state_dict(state["field"])
+        if "field_optimizer" in state:
+            self.field_optimizer.load_state_dict(state["field_optimizer"])
+        rvq = state.get("rvq")
+        if rvq:
+            self.rvq_scale.load_state_dict(rvq["scale"])
+            self.rvq_rot.load_state_dict(rvq["rot"])
+            self.rvq_active = bool(rvq["active"])
+            self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=self.config.rvq_lr)
+        if "generator" in state:
+            self.generator.set_state(state["generator"])
+        self._order = list(state.get("order", []))
+        self.densifier._reset_stats(self.params["means"].shape[0], self.device)
+        for key, value in state.get("densifier", {}).items():
+            setattr(self.densifier, key, value.to(self.device))
+
+    def export(self, fmt: str, path: Path) -> Path:
+        from fieldkit.export import write_ply, write_splat
+
+        if fmt == "compact":
+            from fieldkit.export.compact import write_compact
+
+            write_compact(path, self)
+            return Path(path)
+        writers = {"ply": write_ply, "splat": write_splat}
+        if fmt not in writers:
+            raise ValueError(f"method gs-compact exports ply, splat, compact, not {fmt!r}")
+        writers[fmt](path, self.splats())
+        return Path(path)

@@ -1,0 +1,531 @@
+"""Native 3DGS-LM gradient cache (CPU): J p, J^T u and diag(J^T J) without re-marching rays.
+
+The LM Jacobian of a batch factors as J = D * J_img * J_q:
+
+- J_q: the per-(camera, Gaussian) screen-space quantities q = (2D mean, conic, opacity, RGB),
+  9 per *visible pair* (a Gaussian that the projection keeps in a camera), as functions of the
+  raw parameters. Computed with the torch reference projection and SH evaluation restricted to
+  the visible pairs, differentiated with ``torch.func`` (jvp; one vjp graph per batch). Cheap:
+  O(pairs), no pixels.
+- J_img: pixel colours w.r.t. q. This is the expensive part; the extension
+  ``fieldkit_lm_cpu`` (``kernels/lm/lm_cache_cpu.cpp``) walks every ray once after the forward
+  and caches, per blended (pixel, pair): the colour weight alpha T, alpha (0 where the 0.999
+  clamp is active) and dC/dalpha (3), i.e. 3DGS-LM's gradient cache (paper §4.2), in pixel
+  order plus a permutation sorting it by pair. J_img p is then parallel over pixels and
+  J_img^T u parallel over pairs, both without atomics; the 2D derivatives of alpha are
+  recomputed from the pixel position (cheap) instead of stored.
+- D: per pixel, d r / d colour: the L1 residuals' elementwise slope, and for SSIM the paper's
+  approximation that keeps rays independent: the SSIM residual centred on pixel p depends only
+  on p's colour, with slope G_p / (2 r_p) where G_p is the exact gradient of the summed
+  SSIM term w.r.t. p's colour (so J^T F is the exact half-gradient away from the 5-pixel
+  border). The right-hand side b = -(1/2) grad E is exact (autograd through the SSIM).
+
+diag(J^T J) is exact for this J: the extension accumulates per pair the 9x9 block
+sum_p (dC_p/dq)^T (D_p^T D_p) (dC_p/dq); columns of J_q for position, rotation, scale and
+opacity come from one jvp each (the same unit tangent for every Gaussian: each pair's q depends
+on its own Gaussian only) and SH columns analytically (basis value x clamp mask).
+
+Memory per batch (float32 parameters): 28 bytes per cache entry (ids, pixel, weight, alpha,
+dC/dalpha x3) + 4 (sort permutation), ~70 bytes per pixel, ~500 bytes per visible pair
+(q, their vjp graph, Hessian blocks); ``NativeProblem.bytes_per_image`` counts one image's
+entries with a forward pass so the LM driver can size batches before building anything.
+
+Build: compiled on first use with :func:`torch.utils.cpp_extension.load` (like the native
+rasterizer, :mod:`fieldkit.render.backends.cpu`), cached under ``$FIELDKIT_CACHE_DIR`` in a
+folder keyed by a hash of the sources, torch and Python versions and flags.
+``FIELDKIT_NO_NATIVE=1`` disables it (the LM then uses the torch.func reference).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import platform
+import shutil
+import sys
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from fieldkit.cameras import Cameras
+from fieldkit.metrics import ssim_map
+from fieldkit.optim.levenberg_marquardt import (
+    SSIM_WINDOW,
+    LMConfig,
+    ParamLayout,
+    activated,
+    l1_residual,
+    residual_scales,
+    ssim_residual,
+)
+from fieldkit.render.projection import project_gaussians
+from fieldkit.render.sh import sh_basis, sh_to_rgb
+from fieldkit.render.tiles import intersect_tiles
+
+EXTENSION_NAME = "fieldkit_lm_cpu"
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
+LDFLAGS = ["-fopenmp"]
+_SOURCES = ("lm/lm_cache_cpu.cpp",)
+_HEADERS = ("include/fieldkit/common.h", "include/fieldkit/composite.h")
+BYTES_PER_ENTRY = 44  # int32 pixel + 5 float32 + int32 pixel->entry, + 12 for the J p buffer
+BYTES_PER_PIXEL = 100
+BYTES_PER_PAIR = 600  # q, J_q blocks, Hessian blocks (transient)
+
+_lock = threading.Lock()
+_module: ModuleType | None = None
+_failure: str | None = None
+
+
+def kernels_dir() -> Path | None:
+    candidates = []
+    if os.environ.get("FIELDKIT_KERNELS_DIR"):
+        candidates.append(Path(os.environ["FIELDKIT_KERNELS_DIR"]))
+    package_root = Path(__file__).resolve().parents[1]  # .../fieldkit
+    candidates += [package_root / "kernels", package_root.parent / "kernels"]
+    for folder in candidates:
+        if all((folder / rel).is_file() for rel in _SOURCES + _HEADERS):
+            return folder
+    return None
+
+
+def _load() -> ModuleType:
+    if os.environ.get("FIELDKIT_NO_NATIVE", "") not in ("", "0"):
+        raise RuntimeError("disabled by FIELDKIT_NO_NATIVE")
+    folder = kernels_dir()
+    if folder is None:
+        raise RuntimeError("LM kernel sources not found (kernels/lm); set FIELDKIT_KERNELS_DIR")
+    compiler = shutil.which(os.environ.get("CXX", "c++"))
+    if compiler is None:
+        raise RuntimeError("no C++ compiler found")
+    digest = hashlib.sha256()
+    for rel in sorted(_SOURCES + _HEADERS):
+        digest.update(rel.encode() + (folder / rel).read_bytes())
+    digest.update("|".join([torch.__version__, sys.version, platform.machine(), compiler, *CFLAGS, *LDFLAGS]).encode())
+    from fieldkit.render.backends.cpu import cache_root
+
+    build_dir = cache_root() / "torch_extensions" / f"{EXTENSION_NAME}-{digest.hexdigest()[:16]}"
+    build_dir.mkdir(parents=True, exist_ok=True)
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(
+            name=EXTENSION_NAME,
+            sources=[str(folder / rel) for rel in _SOURCES],
+            extra_include_paths=[str(folder / "include")],
+            extra_cflags=CFLAGS,
+            extra_ldflags=LDFLAGS,
+            build_directory=str(build_dir),
+            verbose=False,
+        )
+    except Exception as error:  # compiler errors surface as RuntimeError/CalledProcessError
+        log_path = build_dir / "build_error.log"
+        log_path.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
+        raise RuntimeError(f"building the {EXTENSION_NAME} extension failed; log: {log_path}") from error
+
+
+def extension() -> ModuleType:
+    """The compiled extension (built on first call); raises RuntimeError with the reason if unavailable."""
+    global _module, _failure
+    if _module is not None:
+        return _module
+    with _lock:
+        if _module is None and _failure is None:
+            try:
+                _module = _load()
+            except Exception as error:  # remember: do not retry a broken build per call
+                _failure = str(error)
+        if _module is None:
+            raise RuntimeError(_failure)
+        return _module
+
+
+def is_available() -> tuple[bool, str]:
+    try:
+        extension()
+    except RuntimeError as error:
+        return False, str(error)
+    return True, ""
+
+
+# ---------------------------------------------------------------------------------------------
+# Visible pairs and their screen-space quantities q [V, 9]
+# ---------------------------------------------------------------------------------------------
+@dataclass
+class Pairs:
+    """Visible (camera, Gaussian) pairs, grouped by camera; ``bounds[c]:bounds[c+1]`` is camera c."""
+
+    camera: Tensor  # [V] int64
+    gaussian: Tensor  # [V] int64
+    bounds: list[int]
+    flat_to_pair: Tensor  # [C*N] int64, -1 when not visible
+
+    @property
+    def count(self) -> int:
+        return int(self.gaussian.numel())
+
+
+def visible_pairs(params: dict[str, Tensor], cameras: Cameras):
+    """(pairs, tile lists over pair ids) at ``params`` (no gradients)."""
+    with torch.no_grad():
+        means, quats, scales, _, _ = activated(params)
+        proj = project_gaussians(means, quats, scales, cameras.world_to_cam.to(means), cameras.K.to(means), cameras.width, cameras.height)
+        isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, cameras.width, cameras.height)
+    visible = (proj.radii[..., 0] > 0).flatten()
+    C, N = proj.depths.shape
+    flat = torch.nonzero(visible).flatten()  # camera-major: grouped by camera
+    flat_to_pair = torch.full((C * N,), -1, dtype=torch.int64)
+    flat_to_pair[flat] = torch.arange(flat.numel())
+    camera, gaussian = flat // N, flat % N
+    counts = torch.bincount(camera, minlength=C)
+    bounds = [0] + torch.cumsum(counts, 0).tolist()
+    isect.gaussian_ids = flat_to_pair[isect.gaussian_ids]
+    return Pairs(camera, gaussian, bounds, flat_to_pair), isect
+
+
+def pair_quantities(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_degree: int) -> Tensor:
+    """q [V, 9] = (2D mean, conic a b c, opacity, RGB) of every visible pair (differentiable)."""
+    means, quats, scales, opacities, sh = activated(params)
+    out = []
+    w2c, K, centers = cameras.world_to_cam.to(means), cameras.K.to(means), cameras.centers.to(means)
+    for c in range(len(cameras)):
+        idx = pairs.gaussian[pairs.bounds[c] : pairs.bounds[c + 1]]
+        if idx.numel() == 0:
+            continue
+        proj = project_gaussians(means[idx], quats[idx], scales[idx], w2c[c : c + 1], K[c : c + 1], cameras.width, cameras.height)
+        rgb = sh_to_rgb(sh_degree, means[idx] - centers[c], sh[idx])
+        out.append(torch.cat([proj.means2d[0], proj.conics[0], opacities[idx, None], rgb], dim=-1))
+    if not out:
+        return means.new_zeros(0, 9)
+    return torch.cat(out)
+
+
+# ---------------------------------------------------------------------------------------------
+# J_q as explicit per-pair blocks
+# ---------------------------------------------------------------------------------------------
+GEOMETRY = ("means", "quats", "log_scales")  # 3 + 4 + 3 = 10 columns per pair
+PAIR_CHUNK = 1 << 17
+
+
+@dataclass
+class PairJacobian:
+    """d q / d raw parameters for every visible pair, as small dense blocks.
+
+    q = (mean2d x y, conic a b c, opacity, r g b). Nonzero blocks: geometry [V,5,10]
+    (mean2d and conic w.r.t. means, quats, log-scales), colour w.r.t. means [V,3,3], colour
+    w.r.t. SH (basis [V,L] times the clamp mask [V,3]) and opacity w.r.t. its logit ([N]).
+    """
+
+    gaussian: Tensor  # [V]
+    geometry: Tensor  # [V,5,10]
+    color_means: Tensor  # [V,3,3]
+    basis: Tensor  # [V,L]
+    mask: Tensor  # [V,3]
+    opacity_slope: Tensor  # [N]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.geometry, self.color_means, self.basis, self.mask))
+
+    def jvp(self, p: dict[str, Tensor]) -> Tensor:
+        """dq [V,9] for a parameter tangent ``p`` (dict of raw-parameter tensors)."""
+        g = self.gaussian
+        V, L = g.numel(), self.basis.shape[1]
+        geo = torch.cat([p["means"], p["quats"], p["log_scales"]], dim=1)
+        sh = torch.cat([p["sh_dc"], p["sh_rest"]], dim=1) if "sh_rest" in p else p["sh_dc"]
+        out = torch.empty(V, 9, dtype=geo.dtype)
+        for lo in range(0, V, PAIR_CHUNK):
+            hi = min(lo + PAIR_CHUNK, V)
+            gi = g[lo:hi]
+            out[lo:hi, :5] = torch.einsum("vqj,vj->vq", self.geometry[lo:hi], geo[gi])
+            out[lo:hi, 6:] = torch.einsum("vcj,vj->vc", self.color_means[lo:hi], p["means"][gi]) + self.mask[lo:hi] * torch.einsum(
+                "vl,vlc->vc", self.basis[lo:hi], sh[gi, :L]
+            )
+        out[:, 5] = (self.opacity_slope * p["opacity_logits"])[g]
+        return out
+
+    def vjp(self, gq: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Parameter cotangents (dict shaped like ``like``) for q cotangents ``gq`` [V,9]."""
+        g = self.gaussian
+        V, L = g.numel(), self.basis.shape[1]
+        N = like["means"].shape[0]
+        geo = torch.zeros(N, 10, dtype=gq.dtype)
+        sh = torch.zeros(N, L, 3, dtype=gq.dtype)
+        for lo in range(0, V, PAIR_CHUNK):
+            hi = min(lo + PAIR_CHUNK, V)
+            gi = g[lo:hi]
+            part = torch.einsum("vqj,vq->vj", self.geometry[lo:hi], gq[lo:hi, :5])
+            part[:, :3] += torch.einsum("vcj,vc->vj", self.color_means[lo:hi], gq[lo:hi, 6:])
+            geo.index_add_(0, gi, part)
+            sh.index_add_(0, gi, self.basis[lo:hi, :, None] * (self.mask[lo:hi] * gq[lo:hi, 6:])[:, None, :])
+        out = {k: torch.zeros_like(v) for k, v in like.items()}
+        out["means"], out["quats"], out["log_scales"] = geo[:, :3], geo[:, 3:7], geo[:, 7:]
+        out["opacity_logits"] = torch.zeros(N, dtype=gq.dtype).index_add_(0, g, gq[:, 5]) * self.opacity_slope
+        out["sh_dc"] = sh[:, :1].clone()
+        if "sh_rest" in out and L > 1:
+            out["sh_rest"][:, : L - 1] = sh[:, 1:]
+        return out
+
+    def diag(self, H: Tensor, like: dict[str, Tensor]) -> dict[str, Tensor]:
+        """diag(J_q^T H J_q) per raw parameter, H = packed per-pair 9x9 blocks [V,45]."""
+        g = self.gaussian
+        V, L = g.numel(), self.basis.shape[1]
+        N = like["means"].shape[0]
+        rows, cols = torch.triu_indices(9, 9)
+        geo = torch.zeros(N, 10, dtype=H.dtype)
+        sh = torch.zeros(N, L, 3, dtype=H.dtype)
+        color_idx = [_packed(6 + c, 6 + c) for c in range(3)]
+        for lo in range(0, V, PAIR_CHUNK):
+            hi = min(lo + PAIR_CHUNK, V)
+            full = torch.zeros(hi - lo, 9, 9, dtype=H.dtype)
+            full[:, rows, cols] = H[lo:hi]
+            full[:, cols, rows] = H[lo:hi]
+            P = torch.zeros(hi - lo, 9, 10, dtype=H.dtype)
+            P[:, :5] = self.geometry[lo:hi]
+            P[:, 6:, :3] = self.color_means[lo:hi]
+            geo.index_add_(0, g[lo:hi], torch.einsum("vqj,vqr,vrj->vj", P, full, P))
+            color = H[lo:hi][:, color_idx] * self.mask[lo:hi]  # [v,3]
+            sh.index_add_(0, g[lo:hi], self.basis[lo:hi, :, None] ** 2 * color[:, None, :])
+        out = {k: torch.zeros_like(v) for k, v in like.items()}
+        out["means"], out["quats"], out["log_scales"] = geo[:, :3], geo[:, 3:7], geo[:, 7:]
+        out["opacity_logits"] = torch.zeros(N, dtype=H.dtype).index_add_(0, g, H[:, _packed(5, 5)]) * self.opacity_slope**2
+        out["sh_dc"] = sh[:, :1].clone()
+        if "sh_rest" in out and L > 1:
+            out["sh_rest"][:, : L - 1] = sh[:, 1:]
+        return out
+
+
+def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_degree: int) -> PairJacobian:
+    """Per-pair blocks of d q / d parameters at ``params``.
+
+    Geometry: the native rasterizer's projection VJP (``fieldkit_cpu.project_backward``), called
+    per camera on the visible Gaussians repeated 5 times with one-hot cotangents (one per output
+    row), so each pair gets its own rows. Colour w.r.t. means: three forward-mode products of
+    the SH evaluation; w.r.t. SH: the basis values.
+    """
+    from fieldkit.render.backends import cpu as cpu_backend
+
+    rast = cpu_backend.extension()
+    with torch.no_grad():
+        means, quats, scales, opacities, sh = activated({k: v.detach() for k, v in params.items()})
+        dtype = means.dtype
+        V, L = pairs.count, (sh_degree + 1) ** 2
+        geometry = torch.empty(V, 5, 10, dtype=dtype)
+        color_means = torch.empty(V, 3, 3, dtype=dtype)
+        basis = torch.empty(V, L, dtype=dtype)
+        mask = torch.empty(V, 3, dtype=dtype)
+        w2c, K, centers = cameras.world_to_cam.to(dtype), cameras.K.to(dtype), cameras.centers.to(dtype)
+        eye = torch.eye(5, dtype=dtype)
+        for c in range(len(cameras)):
+            lo, hi = pairs.bounds[c], pairs.bounds[c + 1]
+            n = hi - lo
+            if n == 0:
+                continue
+            idx = pairs.gaussian[lo:hi]
+            m5, q5, s5 = (t[idx].repeat(5, 1).contiguous() for t in (means, quats, scales))
+            cam_w2c, cam_K = w2c[c : c + 1].contiguous(), K[c : c + 1].contiguous()
+            _, _, _, radii = rast.project_forward(m5, q5, s5, cam_w2c, cam_K, cameras.width, cameras.height, 0.3, 0.01, 1e10)
+            cot = eye.repeat_interleave(n, dim=0)[None]  # [1, 5n, 5]: block r has cotangent e_r
+            v_means, v_quats, v_scales, _ = rast.project_backward(
+                m5, q5, s5, cam_w2c, cam_K, cameras.width, cameras.height, 0.3, radii,
+                cot[..., :2].contiguous(), cot[..., 2:].contiguous(), torch.zeros(1, 5 * n, dtype=dtype), False,
+            )
+            geometry[lo:hi, :, 0:3] = v_means.reshape(5, n, 3).transpose(0, 1)
+            geometry[lo:hi, :, 3:7] = v_quats.reshape(5, n, 4).transpose(0, 1)
+            geometry[lo:hi, :, 7:10] = (v_scales.reshape(5, n, 3) * scales[idx]).transpose(0, 1)  # d/d log s = s d/ds
+
+            coeffs = sh[idx]
+            f = lambda m: sh_to_rgb(sh_degree, m - centers[c], coeffs)  # noqa: E731
+            for j in range(3):
+                tangent = torch.zeros(n, 3, dtype=dtype)
+                tangent[:, j] = 1.0
+                color_means[lo:hi, :, j] = torch.func.jvp(f, (means[idx],), (tangent,))[1]
+            dirs = means[idx] - centers[c]
+            dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            basis[lo:hi] = sh_basis(sh_degree, dirs)
+            raw = (basis[lo:hi, :, None] * coeffs[:, :L]).sum(1) + 0.5
+            mask[lo:hi] = (raw >= 0).to(dtype)
+        slope = opacities * (1 - opacities)
+    return PairJacobian(pairs.gaussian, geometry, color_means, basis, mask, slope)
+
+
+# ---------------------------------------------------------------------------------------------
+# Problem and linearisation
+# ---------------------------------------------------------------------------------------------
+class NativeLinearization:
+    """Gradient cache of one batch at ``theta``: J p, J^T u, diag(J^T J) for the LM driver."""
+
+    def __init__(self, problem: "NativeProblem", theta: Tensor, images: Sequence[int]):
+        self.problem = problem
+        self.theta = theta.detach()
+        self.num_images = len(images)
+        ext = extension()
+        cfg = problem.config
+        cams = problem.cameras[list(images)]
+        self.cameras = cams
+        self.W, self.H = cams.width, cams.height
+        targets = problem.images[list(images)].to(theta)
+        params = problem.layout.unflatten(self.theta)
+        self._like = params
+        self.pairs, isect = visible_pairs(params, cams)
+        with torch.no_grad():
+            q = pair_quantities(params, cams, self.pairs, problem.sh_degree).contiguous()
+        self.jq = pair_jacobian(params, cams, self.pairs, problem.sh_degree)
+        self.m2d, self.conic, self.opac = q[:, 0:2].contiguous(), q[:, 2:5].contiguous(), q[:, 5].contiguous()
+        bg = problem.background.to(theta).expand(len(cams), 3).contiguous()
+        out = ext.build_cache(
+            self.m2d, self.conic, self.opac, q[:, 6:9].contiguous(), bg, isect.gaussian_ids.contiguous(),
+            isect.tile_offsets.contiguous(), self.W, self.H, isect.tiles_x, isect.tiles_y, isect.tile_size, True,
+        )
+        self.image = out[0]
+        self.entries = int(out[1])
+        self.pair_offsets, self.e_pix, self.e_w, self.e_a, self.e_dc, self.pixel_offsets, self.pix_entries = out[2:]
+
+        # Residual layer: values, slopes and the exact half-gradient w.r.t. the image.
+        s_l1, s_ssim = residual_scales(self.image.shape)
+        image = self.image.detach().requires_grad_(True)
+        err = image - targets
+        r1 = l1_residual(err, cfg.l1_weight * s_l1, cfg.l1_eps)
+        (self.d1,) = torch.autograd.grad(r1.sum(), image)  # elementwise slope d r1 / d colour
+        r1 = r1.detach()
+        half_grad = self.d1 * r1
+        parts = [r1.reshape(-1)]
+        self.ssim_row = None
+        if cfg.ssim_weight > 0:
+            rs = ssim_residual(ssim_map(image, targets), cfg.ssim_weight * s_ssim, cfg.ssim_eps)
+            (G,) = torch.autograd.grad(rs.square().sum(), image)  # exact gradient of the SSIM term
+            rs = rs.detach()
+            half_grad = half_grad + 0.5 * G
+            r = SSIM_WINDOW // 2
+            row = torch.zeros_like(G)
+            row[:, r : r + rs.shape[1], r : r + rs.shape[2]] = G[:, r : r + rs.shape[1], r : r + rs.shape[2]] / (2 * rs[..., None])
+            self.ssim_row = row  # d r_ssim(centred at p) / d colour_p, 0 off the SSIM map
+            self._ssim_shape = rs.shape
+            parts.append(rs.reshape(-1))
+        self.residuals = torch.cat(parts)
+        self.cost = float(self.residuals.square().sum())
+        self.gradient = self._pull(half_grad)
+        self._diag: Tensor | None = None
+
+    # image-space products -------------------------------------------------------------------
+    def jvp_image(self, p: Tensor) -> Tensor:
+        dq = self.jq.jvp(self.problem.layout.unflatten(p.to(self.theta))).contiguous()
+        d_img = extension().cache_jvp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
+                                      self.e_dc, self.pixel_offsets, self.pix_entries, dq, self.W, self.H)
+        return d_img.reshape(self.image.shape)
+
+    def _pull(self, u_img: Tensor) -> Tensor:
+        gq = extension().cache_vjp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
+                                   self.e_dc, u_img.reshape(-1, 3).contiguous().to(self.theta), self.W, self.H)
+        return self.problem.layout.flatten(self.jq.vjp(gq, self._like))
+
+    # residual-space products (the LM driver's interface) ------------------------------------------
+    def jvp(self, p: Tensor) -> Tensor:
+        d_img = self.jvp_image(p)
+        parts = [(self.d1 * d_img).reshape(-1)]
+        if self.ssim_row is not None:
+            r = SSIM_WINDOW // 2
+            hs, ws = self._ssim_shape[1], self._ssim_shape[2]
+            parts.append((self.ssim_row * d_img).sum(-1)[:, r : r + hs, r : r + ws].reshape(-1))
+        return torch.cat(parts)
+
+    def vjp(self, u: Tensor) -> Tensor:
+        n1 = self.d1.numel()
+        u_img = self.d1 * u[:n1].reshape(self.image.shape)
+        if self.ssim_row is not None:
+            r = SSIM_WINDOW // 2
+            us = torch.zeros(self.image.shape[:-1], dtype=u.dtype)
+            us[:, r : r + self._ssim_shape[1], r : r + self._ssim_shape[2]] = u[n1:].reshape(self._ssim_shape)
+            u_img = u_img + self.ssim_row * us[..., None]
+        return self._pull(u_img)
+
+    def diag_jtj(self) -> Tensor:
+        if self._diag is None:
+            H = extension().hessian_blocks(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
+                                           self.e_dc, self._pixel_weights(), self.W, self.H)
+            self._diag = self.problem.layout.flatten(self.jq.diag(H, self._like))
+        return self._diag
+
+    def _pixel_weights(self) -> Tensor:
+        """D_p^T D_p per pixel as (w00, w01, w02, w11, w12, w22)."""
+        d = self.d1.reshape(-1, 3)
+        W = torch.zeros(d.shape[0], 6, dtype=d.dtype)
+        W[:, 0], W[:, 3], W[:, 5] = d[:, 0] ** 2, d[:, 1] ** 2, d[:, 2] ** 2
+        if self.ssim_row is not None:
+            s = self.ssim_row.reshape(-1, 3)
+            W[:, 0] += s[:, 0] * s[:, 0]
+            W[:, 1] += s[:, 0] * s[:, 1]
+            W[:, 2] += s[:, 0] * s[:, 2]
+            W[:, 3] += s[:, 1] * s[:, 1]
+            W[:, 4] += s[:, 1] * s[:, 2]
+            W[:, 5] += s[:, 2] * s[:, 2]
+        return W.contiguous()
+
+    def nbytes(self) -> int:
+        cache = sum(t.numel() * t.element_size() for t in (self.e_pix, self.e_w, self.e_a, self.e_dc, self.pix_entries))
+        pixels = self.image.numel() * self.image.element_size() * 4 + self.pixel_offsets.numel() * 8
+        return int(cache + pixels + self.jq.nbytes() + 9 * 4 * self.pairs.count)
+
+
+def _packed(r: int, c: int) -> int:
+    """Index of (r, c), r <= c, in the row-major upper triangle of a 9x9 matrix."""
+    return r * 9 - r * (r - 1) // 2 + (c - r)
+
+
+class NativeProblem:
+    """Same interface as :class:`fieldkit.optim.levenberg_marquardt.ReferenceProblem`, on the gradient cache."""
+
+    def __init__(self, layout: ParamLayout, cameras: Cameras, images: Tensor, sh_degree: int, background: Tensor, config: LMConfig):
+        extension()  # raises RuntimeError when the extension cannot be built
+        from fieldkit.render.backends import cpu as cpu_backend
+
+        cpu_backend.extension()  # the projection VJP comes from the native rasterizer
+        self.layout = layout
+        self.cameras = cameras
+        self.images = images
+        self.sh_degree = sh_degree
+        self.background = background
+        self.config = config
+        self.num_images = len(cameras)
+
+    def render(self, theta: Tensor, images: Sequence[int], count: bool = False) -> tuple[Tensor, int]:
+        """(RGB [B,H,W,3], cache entries it would need or 0) with the extension's forward."""
+        cams = self.cameras[list(images)]
+        with torch.no_grad():
+            params = self.layout.unflatten(theta.detach())
+            pairs, isect = visible_pairs(params, cams)
+            q = pair_quantities(params, cams, pairs, self.sh_degree).contiguous()
+            bg = self.background.to(theta).expand(len(cams), 3).contiguous()
+            out = extension().build_cache(
+                q[:, 0:2].contiguous(), q[:, 2:5].contiguous(), q[:, 5].contiguous(), q[:, 6:9].contiguous(), bg,
+                isect.gaussian_ids.contiguous(), isect.tile_offsets.contiguous(), cams.width, cams.height, isect.tiles_x,
+                isect.tiles_y, isect.tile_size, False,
+            )
+        return out[0], int(out[1])
+
+    def cost(self, theta: Tensor, images: Sequence[int]) -> float:
+        from fieldkit.optim.levenberg_marquardt import batch_cost
+
+        rgb, _ = self.render(theta, images)
+        return batch_cost(rgb, self.images[list(images)].to(theta), self.config)
+
+    def bytes_per_image(self, theta: Tensor, image: int) -> int:
+        """Jacobian state of one image, from a forward pass that counts its cache entries."""
+        _, entries = self.render(theta, [image])
+        pairs = int(self.layout.unflatten(theta)["means"].shape[0])
+        pixels = self.cameras.width * self.cameras.height
+        return entries * BYTES_PER_ENTRY + pixels * BYTES_PER_PIXEL + pairs * BYTES_PER_PAIR
+
+    def linearize(self, theta: Tensor, images: Sequence[int]) -> NativeLinearization:
+        return NativeLinearization(self, theta, images)
+
+    def model_terms(self, theta: Tensor, images: Sequence[int], delta: Tensor) -> tuple[float, float, float]:
+        """(E, grad E . delta, ||J delta||^2) on ``images``."""
+        lin = self.linearize(theta, images)
+        jd = lin.jvp(delta)
+        return lin.cost, 2.0 * float(torch.dot(lin.gradient, delta.to(lin.gradient))), float(jd.square().sum())
