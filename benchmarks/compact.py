@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_compact"))
     ap.add_argument("--methods", nargs="+", default=["gs", "gs-compact"])
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
+    ap.add_argument("--compact-args", nargs="*", default=[], help="extra train flags for gs-compact, e.g. --gs-compact.hash-log2-size=11")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = DATA / args.scene
@@ -65,7 +66,8 @@ def main(argv: list[str] | None = None) -> dict:
             key = name.replace("-", "_")
             t = time.perf_counter()
             rc = cli(["train", str(data), "-o", str(run), "--method", name, "--max-steps", str(args.steps), "--backend", args.backend,
-                      f"--{key.replace('_', '-')}.init-random-points", str(args.init_points), "--eval-every", str(10**9), "--save-every", str(args.steps)])
+                      f"--{key.replace('_', '-')}.init-random-points", str(args.init_points), "--eval-every", str(10**9), "--save-every", str(args.steps)]
+                     + (args.compact_args if name == "gs-compact" else []))
             assert rc == 0
             train_s = time.perf_counter() - t
         else:
@@ -83,6 +85,9 @@ def main(argv: list[str] | None = None) -> dict:
             fkc = run / "exports" / "scene.fkc"
             cli(["export", str(run), "--format", "compact", "-o", str(fkc)])
             row["fkc_bytes"] = fkc.stat().st_size
+            head = fkc.read_bytes()
+            header = json.loads(head[8 : 8 + int.from_bytes(head[4:8], "little")])
+            row["fkc_sections"] = {s["name"]: s["bytes"] for s in header["sections"]}
             model = read_compact(fkc)
             dec = evaluate(lambda c: model.render(c, backend=args.backend), images, cameras, args.test_views)
             row.update({f"fkc_{k}": v for k, v in dec.items()})

@@ -40,11 +40,11 @@ from fieldkit.data import load_scene  # noqa: E402
 from fieldkit.metrics import psnr, ssim  # noqa: E402
 
 VARIANTS = {
-    "nerf": ("nerf", {}),
-    "nerf+cam": ("nerf", {"cam": True}),
-    "nerf+s3im": ("nerf", {"s3im_weight": 1.0}),
+    "nerf": ("nerf", {"cam": False, "s3im_weight": 0.0}),
+    "nerf+cam": ("nerf", {"cam": True, "s3im_weight": 0.0}),
+    "nerf+s3im": ("nerf", {"cam": False, "s3im_weight": 1.0}),
     "nerf+cam+s3im": ("nerf", {"cam": True, "s3im_weight": 1.0}),
-    "gs": ("gs", {}),
+    "gs": ("gs", {"s3im_weight": 0.0}),
     "gs+s3im": ("gs", {"s3im_weight": 1.0}),
 }
 

@@ -31,9 +31,11 @@ class FitImageCommand:
 
     image: tyro.conf.Positional[Path]
     """Image to fit (PNG/JPEG; alpha is dropped)."""
-    steps: int = 1000
-    max_size: int = 192
-    """Downscale (Lanczos) so the longer side is at most this many pixels (CPU-friendly); 0 keeps the size."""
+    steps: int = 2000
+    max_size: int = 256
+    """Downscale (Lanczos) so the longer side is at most this many pixels; 0 keeps the size."""
+    batch: int = 8192
+    """Random pixels per step (0: the whole image every step, as the paper; slow on a CPU)."""
     mode: Annotated[str, tyro.conf.arg(help="compare (both), cam, or plain")] = "compare"
     frequencies: int = 256
     sigma: float = 10.0
@@ -48,7 +50,11 @@ class FitImageCommand:
 
 
 class ImageField(nn.Module):
-    """Fourier features -> MLP (optionally CAM-modulated) -> RGB at pixel coordinates in [-1, 1]^2."""
+    """Fourier features -> MLP (optionally CAM-modulated) -> RGB at pixel coordinates in [0, 1]^2.
+
+    Coordinates are pixel centres divided by the longer side (as in the FFN image-regression code
+    CAM builds on), so ``sigma`` counts cycles per image side; the CAM grid spans the image.
+    """
 
     def __init__(self, frequencies: int = 256, sigma: float = 10.0, hidden: int = 256, layers: int = 3,
                  cam: bool = False, cam_grid: int = 32, generator: torch.Generator | None = None):
@@ -57,10 +63,13 @@ class ImageField(nn.Module):
         self.mlp = ModulatedMLP(2 * frequencies, hidden, layers, 3, normalize=cam)
         self.cam = ModulationGrid(layers, (cam_grid, cam_grid)) if cam else None
 
-    def forward(self, coords: Tensor) -> Tensor:
+    def forward(self, coords: Tensor, grid_coords: Tensor | None = None) -> Tensor:
+        """coords [N, 2] in [0, 1]; grid_coords [N, 2] in [-1, 1] for the CAM grid (default 2 coords - 1)."""
         proj = 2 * math.pi * coords @ self.B.T
         features = torch.cat([torch.cos(proj), torch.sin(proj)], dim=-1)
-        return self.mlp(features, self.cam(coords) if self.cam is not None else None)
+        if self.cam is None:
+            return self.mlp(features)
+        return self.mlp(features, self.cam(grid_coords if grid_coords is not None else coords * 2 - 1))
 
 
 def load_image(path: Path, max_size: int = 0) -> Tensor:
@@ -78,18 +87,20 @@ def load_image(path: Path, max_size: int = 0) -> Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
 
 
-def pixel_coords(height: int, width: int) -> Tensor:
-    """[H*W, 2] pixel-centre coordinates (x, y) in [-1, 1] (row-major)."""
-    ys = (torch.arange(height) + 0.5) / height * 2 - 1
-    xs = (torch.arange(width) + 0.5) / width * 2 - 1
-    y, x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+def pixel_coords(height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Pixel centres (row-major), as ([H*W, 2] (x, y) / longer side in [0, 1], [H*W, 2] in [-1, 1]
+    across the image for the CAM grid)."""
+    size = max(height, width)
+    y, x = torch.meshgrid(torch.arange(height) + 0.5, torch.arange(width) + 0.5, indexing="ij")
+    x, y = x.reshape(-1), y.reshape(-1)
+    return torch.stack([x / size, y / size], dim=-1), torch.stack([x / width * 2 - 1, y / height * 2 - 1], dim=-1)
 
 
 def fit(image: Tensor, *, cam: bool, steps: int, seed: int = 0, lr: float = 1e-3, cam_lr_scale: float = 10.0,
         frequencies: int = 256, sigma: float = 10.0, hidden: int = 256, layers: int = 3, cam_grid: int = 32,
-        log_every: int = 0) -> dict:
-    """Train one variant on all pixels; returns psnr, params, seconds and the fitted image."""
+        batch: int = 0, log_every: int = 0) -> dict:
+    """Train one variant (on ``batch`` random pixels per step, or all of them when 0); returns
+    psnr over the whole image, params, seconds and the fitted image."""
     H, W, _ = image.shape
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # nn.Linear initialisation: same MLP weights for both variants
@@ -98,20 +109,25 @@ def fit(image: Tensor, *, cam: bool, steps: int, seed: int = 0, lr: float = 1e-3
     if model.cam is not None:
         groups.append({"params": list(model.cam.parameters()), "lr": lr * cam_lr_scale})
     optimizer = torch.optim.Adam(groups)
-    coords = pixel_coords(H, W)
+    coords, grid_coords = pixel_coords(H, W)
     target = image.reshape(-1, 3)
     started = time.perf_counter()
+    pixels = coords.shape[0]
     for step in range(steps):
-        pred = model(coords)
-        loss = torch.mean((pred - target) ** 2)
+        if batch and batch < pixels:
+            pick = torch.randint(0, pixels, (batch,), generator=gen)
+            pred, goal = model(coords[pick], grid_coords[pick]), target[pick]
+        else:
+            pred, goal = model(coords, grid_coords), target
+        loss = torch.mean((pred - goal) ** 2)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         if log_every and (step + 1) % log_every == 0:
-            print(f"  {'cam' if cam else 'plain'} step {step + 1}: psnr {-10 * math.log10(float(loss)):.2f}", flush=True)
+            print(f"  {'cam' if cam else 'plain'} step {step + 1}: batch psnr {-10 * math.log10(float(loss.detach())):.2f}", flush=True)
     seconds = time.perf_counter() - started
     with torch.no_grad():
-        pred = model(coords).clamp(0, 1)
+        pred = model(coords, grid_coords).clamp(0, 1)
         mse = float(torch.mean((pred - target) ** 2))
     return {
         "psnr": -10 * math.log10(max(mse, 1e-12)),
@@ -129,7 +145,8 @@ def run_fit_image(cmd: FitImageCommand) -> dict:
     out_dir = cmd.output or Path("outputs") / "fit-image" / Path(cmd.image).stem
     out_dir.mkdir(parents=True, exist_ok=True)
     variants = {"compare": (False, True), "cam": (True,), "plain": (False,)}[cmd.mode]
-    print(f"Fitting {cmd.image} at {W}x{H} for {cmd.steps} steps ({', '.join('cam' if v else 'plain' for v in variants)})")
+    per_step = f"{cmd.batch} random pixels" if cmd.batch and cmd.batch < H * W else "all pixels"
+    print(f"Fitting {cmd.image} at {W}x{H} for {cmd.steps} steps of {per_step} ({', '.join('cam' if v else 'plain' for v in variants)})")
     results = {}
     from fieldkit.render.images import save_png
 
@@ -137,7 +154,7 @@ def run_fit_image(cmd: FitImageCommand) -> dict:
         name = "cam" if use_cam else "plain"
         r = fit(image, cam=use_cam, steps=cmd.steps, seed=cmd.seed, lr=cmd.lr, cam_lr_scale=cmd.cam_lr_scale,
                 frequencies=cmd.frequencies, sigma=cmd.sigma, hidden=cmd.hidden, layers=cmd.layers,
-                cam_grid=cmd.cam_grid, log_every=max(1, cmd.steps // 5))
+                cam_grid=cmd.cam_grid, batch=cmd.batch, log_every=max(1, cmd.steps // 5))
         save_png(out_dir / f"{name}.png", r.pop("image"))
         results[name] = r
         print(f"{name:<6} PSNR {r['psnr']:.2f} dB   params {r['params']:,}   {r['seconds']:.1f} s")

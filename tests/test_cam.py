@@ -78,7 +78,7 @@ def test_fit_image_cam_learns_a_piecewise_image_faster():
     """A small image with a sharp, spatially varying pattern: the CAM grid helps within a few steps."""
     torch.manual_seed(0)
     H = W = 32
-    coords = pixel_coords(H, W)
+    _, coords = pixel_coords(H, W)
     x, y = coords[:, 0].reshape(H, W), coords[:, 1].reshape(H, W)
     image = torch.stack([(x > 0.1).float(), (y > -0.3).float() * 0.8, 0.5 + 0.4 * torch.sin(6 * x * y)], -1)
     kw = dict(steps=60, frequencies=32, sigma=3.0, hidden=32, layers=2, cam_grid=8, lr=3e-3)

@@ -146,7 +146,7 @@ def test_pcg_generic_spd_system_and_iteration_cap():
 def test_one_lm_step_matches_dense_computation(tiny):
     cfg = LMConfig(
         backend="reference", pcg_iterations=200, pcg_rtol=1e-12, initial_damping=0.1,
-        line_search=False, line_search_fraction=1.0, batch_images=2, num_batches=1,
+        line_search=False, batch_images=2, num_batches=1,
     )
     problem, theta, F, J = tiny
     D = lm.damping_diagonal((J * J).sum(0), cfg.diag_floor)
@@ -169,8 +169,8 @@ def test_one_lm_step_matches_dense_computation(tiny):
 
 
 def test_lm_iterations_decrease_the_cost_and_reject_bad_steps():
-    cfg = LMConfig(backend="reference", batch_images=1, num_batches=2, line_search_fraction=1.0, initial_damping=1e-3,
-                   pcg_iterations=4)
+    cfg = LMConfig(backend="reference", batch_images=1, num_batches=2, line_search_images="random",
+                   line_search_fraction=1.0, initial_damping=1e-3, pcg_iterations=4, diag_mode="hutchinson", diag_samples=8)
     problem, theta = _problem(cfg, n=2)
     solver = LevenbergMarquardt(cfg)
     start = problem.cost(theta, [0, 1])
@@ -245,7 +245,7 @@ def test_batch_plan_follows_the_memory_budget(monkeypatch):
 
 
 def test_allocation_failure_splits_the_batch_instead_of_crashing():
-    cfg = LMConfig(backend="reference", batch_images=2, num_batches=1, line_search_fraction=1.0)
+    cfg = LMConfig(backend="reference", batch_images=2, num_batches=1, pcg_iterations=2, diag_mode="hutchinson", diag_samples=2)
     problem, theta = _problem(cfg, n=2)
     real = problem.linearize
     seen = []
@@ -268,3 +268,135 @@ def test_allocation_failure_splits_the_batch_instead_of_crashing():
     problem.linearize = broken
     with pytest.raises(LMOutOfMemory):
         LevenbergMarquardt(cfg).step(problem, theta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Native gradient cache (fieldkit.optim.lm_native) against the torch.func reference
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def native(tiny):
+    from fieldkit.optim import lm_native
+
+    ok, reason = lm_native.is_available()
+    if not ok:
+        pytest.skip(f"native LM cache unavailable: {reason}")
+    problem, theta, F, J = tiny
+    nat = lm_native.NativeProblem(problem.layout, problem.cameras, problem.images, 1, problem.background, problem.config)
+    return nat, nat.linearize(theta, [0, 1])
+
+
+def _image_fn(problem: ReferenceProblem, theta: torch.Tensor):
+    isect = lm.intersections(problem.layout.unflatten(theta), problem.cameras)
+    return lambda flat: lm.render_rgb(problem.layout.unflatten(flat), problem.cameras, 1, problem.background, isect)
+
+
+def test_native_cache_products_match_the_reference(tiny, native):
+    problem, theta, F, J = tiny
+    nat, lin = native
+    assert lin.entries > 100 and lin.pairs.count >= 3
+    f = _image_fn(problem, theta)
+    image, vjp_fn = torch.func.vjp(f, theta)
+    torch.testing.assert_close(lin.image, image.detach(), rtol=0, atol=1e-12)
+    g = torch.Generator().manual_seed(11)
+    for _ in range(2):
+        p = torch.randn(theta.shape, generator=g, dtype=DT)
+        u = torch.randn(image.shape, generator=g, dtype=DT)
+        torch.testing.assert_close(lin.jvp_image(p), torch.func.jvp(f, (theta,), (p,))[1], rtol=1e-9, atol=1e-12)
+        torch.testing.assert_close(lin._pull(u), vjp_fn(u)[0], rtol=1e-9, atol=1e-12)
+    # Exact b: the native half-gradient equals J^T F of the exact residuals; the cost is the same.
+    torch.testing.assert_close(lin.gradient, J.T @ F, rtol=1e-9, atol=1e-14)
+    assert lin.cost == pytest.approx(float(F @ F), rel=1e-12)
+    # The L1 rows of the native J are exact (the SSIM rows use the paper's centre-pixel approximation).
+    n_l1 = lin.d1.numel()
+    p = torch.randn(theta.shape, generator=g, dtype=DT)
+    torch.testing.assert_close(lin.jvp(p)[:n_l1], (J @ p)[:n_l1], rtol=1e-9, atol=1e-12)
+
+
+def test_native_jacobian_is_consistent_and_its_diagonal_exact(tiny, native):
+    problem, theta, _, _ = tiny
+    _, lin = native
+    n = theta.numel()
+    Jn = torch.stack([lin.jvp(torch.eye(n, dtype=DT)[j]) for j in range(n)], dim=1)
+    u = torch.randn(Jn.shape[0], generator=torch.Generator().manual_seed(12), dtype=DT)
+    torch.testing.assert_close(lin.vjp(u), Jn.T @ u, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(lin.diag_jtj(), (Jn * Jn).sum(0), rtol=1e-9, atol=1e-14)
+
+
+def test_native_pair_jacobian_matches_forward_mode(tiny, native):
+    from fieldkit.optim import lm_native
+
+    problem, theta, _, _ = tiny
+    _, lin = native
+    params = problem.layout.unflatten(theta)
+    qfn = lambda flat: lm_native.pair_quantities(problem.layout.unflatten(flat), problem.cameras, lin.pairs, 1)  # noqa: E731
+    p = torch.randn(theta.shape, generator=torch.Generator().manual_seed(13), dtype=DT)
+    expected = torch.func.jvp(qfn, (theta,), (p,))[1]
+    torch.testing.assert_close(lin.jq.jvp(problem.layout.unflatten(p)), expected, rtol=1e-9, atol=1e-12)
+    q = qfn(theta).detach()
+    torch.testing.assert_close(q[:, :2], lin.m2d)
+    torch.testing.assert_close(q[:, 2:5], lin.conic)
+    g = torch.randn(q.shape, generator=torch.Generator().manual_seed(14), dtype=DT)
+    expected = torch.func.vjp(qfn, theta)[1](g)[0]
+    torch.testing.assert_close(problem.layout.flatten(lin.jq.vjp(g, params)), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_native_lm_step_reduces_the_cost(tiny, native):
+    nat, _ = native
+    problem, theta, _, _ = tiny
+    cfg = LMConfig(batch_images=1, num_batches=2, initial_damping=1e-2)
+    nat.config = cfg
+    solver = LevenbergMarquardt(cfg)
+    start = nat.cost(theta, [0, 1])
+    for _ in range(3):
+        theta, stats = solver.step(nat, theta)
+    assert nat.cost(theta, [0, 1]) < 0.9 * start
+    nat.config = problem.config
+
+
+def test_lm_step_combines_batches_with_the_weighted_mean(tiny):
+    problem, theta, _, _ = tiny
+    cfg = LMConfig(backend="reference", batch_images=1, num_batches=2, initial_damping=1.0, line_search=False,
+                   line_search_images="random", line_search_fraction=1.0, pcg_iterations=200, pcg_rtol=1e-12)
+    solver = LevenbergMarquardt(cfg)
+    reference = LevenbergMarquardt(cfg)
+    deltas, diags = [], []
+    for image in (0, 1):
+        delta, diag, _ = reference.solve_batch(problem.linearize(theta, [image]))
+        deltas.append(delta)
+        diags.append(diag)
+    expected = weighted_mean(deltas, diags).clamp(-cfg.max_step, cfg.max_step)
+    theta_new, stats = solver.step(problem, theta)
+    assert stats.num_batches == 2 and stats.accepted
+    torch.testing.assert_close(theta_new - theta, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_gaussian_splatting_optimizer_lm_switches_after_densification():
+    """GSConfig(optimizer="lm"): Adam steps, then the last ``lm.iterations`` steps are LM iterations."""
+    from fieldkit.data.scene import Scene
+    from fieldkit.methods.gs import GaussianSplatting, GSConfig
+
+    cams = _cameras(4, 16, 14).to(dtype=torch.float32)
+    truth = {k: v.float() for k, v in _params(6, seed=3).items()}
+    with torch.no_grad():
+        images = lm.render_rgb(truth, cams, 1, torch.ones(3)).clamp(0, 1)
+    scene = Scene(images=images, cameras=cams, split={"train": torch.arange(3), "test": torch.arange(3, 4)},
+                  background=torch.ones(3), points=truth["means"] + 0.05, point_colors=torch.full((6, 3), 0.5))
+    cfg = GSConfig(optimizer="lm", sh_degree=1, lm=LMConfig(iterations=2, batch_images=3, num_batches=1, pcg_iterations=3))
+    method = GaussianSplatting(cfg, scene, max_steps=10, backend="torch")
+    assert method.lm_phase is not None and method.lm_phase.start_step == 8
+    stats = [method.train_step(step) for step in range(10)]
+    assert all("lm_gain_ratio" not in s for s in stats[:8])
+    assert all("lm_gain_ratio" in s and math.isfinite(s["loss"]) for s in stats[8:])
+    assert all(isinstance(p, torch.nn.Parameter) for p in method.params.values())
+    # Adam stays the default and never builds an LM phase.
+    assert GaussianSplatting(GSConfig(sh_degree=1), scene, max_steps=10, backend="torch").lm_phase is None
+
+
+def test_sh_basis_gradient_matches_autograd():
+    from fieldkit.optim.lm_native import sh_basis_gradient
+    from fieldkit.render.sh import sh_basis
+
+    dirs = torch.nn.functional.normalize(torch.randn(50, 3, generator=torch.Generator().manual_seed(15), dtype=DT), dim=-1)
+    for degree in range(4):
+        expected = torch.func.vmap(torch.func.jacfwd(lambda d: sh_basis(degree, d)))(dirs)  # [50, L, 3]
+        torch.testing.assert_close(sh_basis_gradient(degree, dirs), expected)

@@ -124,6 +124,18 @@ def test_extract_mesh_is_watertight_and_outward():
     assert info["evaluations"] < 65**3  # coarse-to-fine evaluation skipped most of the grid
 
 
+def test_inside_out_triangles_are_flipped():
+    from fieldkit.shapes.meshing import oriented_mesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=2, radius=1.0)
+    flipped = sphere.faces[:, ::-1]
+    assert trimesh.Trimesh(sphere.vertices, flipped).volume < 0
+    fixed = oriented_mesh(sphere.vertices * 2000 + 500, flipped)  # large raw units, far from the origin
+    assert fixed.volume > 0
+    outward = np.einsum("ij,ij->i", fixed.face_normals, fixed.triangles_center - fixed.vertices.mean(axis=0))
+    assert (outward > 0).all()
+
+
 def test_extract_mesh_closes_shapes_cut_by_the_box():
     mesh, _ = extract_mesh(lambda p: np.ones(len(p)), np.zeros(3), np.ones(3), resolution=16, coarse_resolution=4)
     assert mesh.is_watertight and mesh.volume > 0

@@ -471,8 +471,8 @@ def test_fieldkit_view_serves_renders_matching_direct_render(lego_run):
         try:
             a.send_camera(views[0])
             b.send_camera(views[1])
-            got_a = a.wait_for_image(30, size=(cameras.width, cameras.height), fmt="png")
-            got_b = b.wait_for_image(30, size=(cameras.width, cameras.height), fmt="png")
+            got_a = a.wait_for_image(120, size=(cameras.width, cameras.height), fmt="png")
+            got_b = b.wait_for_image(120, size=(cameras.width, cameras.height), fmt="png")
         finally:
             a.close()
             b.close()

@@ -163,6 +163,14 @@ def test_sphere_silhouette_and_occupancy_grid_skipping():
     samples_grid = sample_along_rays(rays, space, 0.01, occupancy=grid)
     assert len(samples_grid) < 0.1 * len(samples_full)
 
+    class FlatOnly:  # the same grid without the coarse level: the one-level sampler
+        query = staticmethod(grid.query)
+        occupied_box = staticmethod(grid.occupied_box)
+
+    flat = sample_along_rays(rays, space, 0.01, occupancy=FlatOnly())
+    assert torch.equal(flat.ray_ids, samples_grid.ray_ids)
+    assert torch.equal(flat.t, samples_grid.t) and torch.equal(flat.deltas, samples_grid.deltas)
+
 
 def test_contracted_space_reaches_far_in_disparity():
     space = SceneSpace.from_box(BOX, contracted=True)

@@ -22,6 +22,7 @@ class OccupancyGrid:
         self.values = torch.zeros(n, device=device)
         self.binary = torch.ones(n, dtype=torch.bool, device=device)  # everything occupied until the first update
         self._box: Tensor | None = None
+        self._coarse: tuple | None = None
         self.updates = 0
 
     @property
@@ -32,6 +33,7 @@ class OccupancyGrid:
         self.values = self.values.to(device)
         self.binary = self.binary.to(device)
         self._box = None
+        self._coarse = None
         return self
 
     def cell_index(self, unit_points: Tensor) -> tuple[Tensor, Tensor]:
@@ -46,6 +48,18 @@ class OccupancyGrid:
         """bool [S]: the point lies inside the cube in an occupied cell."""
         index, inside = self.cell_index(unit_points)
         return inside & self.binary[index]
+
+    def coarse(self, factor: int) -> tuple[Tensor, int]:
+        """(bool [r^3], r): the grid max-pooled by ``factor`` and dilated by one coarse cell (cached)."""
+        key = int(factor)
+        if self._coarse is None or self._coarse[0] != key:
+            R = self.resolution
+            r = max(1, R // key)
+            grid = self.binary.reshape(1, 1, R, R, R).permute(0, 1, 4, 3, 2).float()  # [.., z, y, x]
+            pooled = torch.nn.functional.adaptive_max_pool3d(grid, r)
+            dilated = torch.nn.functional.max_pool3d(pooled, 3, stride=1, padding=1)
+            self._coarse = (key, dilated[0, 0].permute(2, 1, 0).reshape(-1) > 0, r)  # back to x fastest
+        return self._coarse[1], self._coarse[2]
 
     def occupancy_fraction(self) -> float:
         return float(self.binary.float().mean())
@@ -102,11 +116,13 @@ class OccupancyGrid:
         limit = min(threshold, float(self.values.mean()))
         self.binary = self.values > limit
         self._box = None
+        self._coarse = None
         self.updates += 1
 
     def mark_all(self, occupied: bool = True) -> None:
         self.binary.fill_(occupied)
         self._box = None
+        self._coarse = None
 
     def state_dict(self) -> dict:
         return {"resolution": self.resolution, "values": self.values.cpu(), "binary": self.binary.cpu(), "updates": self.updates}
@@ -117,3 +133,4 @@ class OccupancyGrid:
         self.binary = state["binary"].to(self.device)
         self.updates = int(state.get("updates", 0))
         self._box = None
+        self._coarse = None

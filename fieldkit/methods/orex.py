@@ -61,7 +61,7 @@ class OReXConfig:
     """Points of each batch the hinge is computed on (0: all of them, as in the paper; a random quarter
     gives the same regulariser in expectation at a third of the cost of a second-order pass on all)."""
     dtype: Literal["float32", "float64"] = "float32"
-    """The paper runs in float64; float32 gave the same shapes here at about half the cost."""
+    """The paper runs in float64; float32 gave the same shapes here (docs/orex.md) at lower cost."""
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     mesh_resolution: int = 256
     """Cells along the longest side of the meshing box (cubic cells)."""
@@ -230,7 +230,7 @@ class OReX(Method):
 
     def mesh(self, resolution: int | None = None, refine: bool | None = None):
         """(trimesh mesh in the input's coordinates, info) of the zero level set."""
-        from fieldkit.shapes.meshing import extract_mesh, mesh_report
+        from fieldkit.shapes.meshing import extract_mesh, mesh_report, oriented_mesh
 
         resolution = resolution or self.config.mesh_resolution
         refine = self.config.mesh_refine if refine is None else refine
@@ -249,8 +249,7 @@ class OReX(Method):
             project=self._project if refine else None,
             support=self.cs.all_vertices() if self.config.mesh_drop_unsupported else None,
         )
-        mesh.apply_scale(self.scale)
-        mesh.apply_translation(self.centre)
+        mesh = oriented_mesh(mesh.vertices * self.scale + self.centre, mesh.faces)
         info = {**info, "spacing": info["spacing"] * self.scale, "seconds": time.perf_counter() - started, **mesh_report(mesh)}
         self._mesh_cache = (key, mesh, info)
         return mesh, info

@@ -24,8 +24,10 @@ One LM iteration (``LevenbergMarquardt.step``):
 2. Combine ``delta = (sum_i M_i)^-1 sum_i M_i delta_i`` (``weighted_mean``; the diagonal
    approximation of the exact (sum J_i^T J_i)^-1 weighting, 3DGS-LM supp. B) and clip
    ``|delta| <= max_step``.
-3. Line search on a random ``line_search_fraction`` of the batch images: gamma = 1, 0.7, 0.49, ...
-   while the subset's cost keeps decreasing (at most ``line_search_steps`` tries).
+3. Line search on the last batch's images (default; its linearisation is still alive, so the
+   model terms cost one J delta) or, as the paper, a random ``line_search_fraction`` of the
+   iteration's images: gamma = 1, 0.7, 0.49, ... while the subset's cost keeps decreasing (at
+   most ``line_search_steps`` tries).
 4. Gain ratio on that subset, rho = (E(x) - E(x + gamma delta)) / (E(x) - ||F + gamma J delta||^2)
    (Ceres / Nielsen): accept if rho > ``min_gain_ratio`` and multiply lambda by
    max(1/3, 1 - (2 rho - 1)^3), nu = 2; otherwise keep x (revert) and lambda *= nu, nu *= 2
@@ -102,8 +104,11 @@ class LMConfig:
     max_step: float = 10.0
     """Clip every component of the update to [-max_step, max_step] (3DGS-LM max_grad_norm)."""
     line_search: bool = True
+    line_search_images: Literal["last_batch", "random"] = "last_batch"
+    """Images of the line search and gain ratio: the last batch (its linearisation is still in
+    memory, so no extra Jacobian work) or a random ``line_search_fraction`` of the iteration's
+    images (3DGS-LM: 30%; costs one more linearisation of those images)."""
     line_search_fraction: float = 0.3
-    """Share of the iteration's images used for the line search and the gain ratio (3DGS-LM: 30%)."""
     line_search_shrink: float = 0.7
     line_search_steps: int = 4
     l1_weight: float = 0.8
@@ -609,8 +614,9 @@ class LevenbergMarquardt:
             self.bytes_per_image = int(used * 1.25)  # margin for CG vectors and allocator slack
         plan = plan_batches(self.config, problem.num_images, self.bytes_per_image, self.device)
         chosen = order[: min(self.config.batch_images * self.config.num_batches, problem.num_images)]
-        step = plan.images_per_batch
-        return [chosen[i : i + step] for i in range(0, len(chosen), step)], plan
+        # plan.num_batches batches of nearly equal size (never more than plan.images_per_batch)
+        bounds = [round(i * len(chosen) / plan.num_batches) for i in range(plan.num_batches + 1)]
+        return [chosen[bounds[i] : bounds[i + 1]] for i in range(plan.num_batches)], plan
 
     def _linearize_fitting(self, problem: Problem, theta: Tensor, images: list[int]) -> list[tuple[Linearization, list[int]]]:
         """Linearise ``images``; on an allocation failure split the batch in two and retry."""
@@ -637,7 +643,9 @@ class LevenbergMarquardt:
         self.last_plan = plan
         stats.images_per_batch = plan.images_per_batch
 
-        deltas, diags = [], []
+        # Running sums of the diag(J^T J)-weighted mean: two parameter vectors, whatever the batch count.
+        weighted_sum, weight_sum = torch.zeros_like(theta), torch.zeros_like(theta)
+        last: tuple[Linearization, list[int]] | None = None
         pending: list[tuple[Linearization | None, list[int]]] = [(None, b) for b in batches]
         while pending:
             lin, images = pending.pop(0)
@@ -648,35 +656,54 @@ class LevenbergMarquardt:
                     pending = parts + pending
                     continue
                 lin = parts[0][0]
+                del parts  # keep no second reference: only one batch's Jacobian state may be alive
             stats.linearize_seconds += time.perf_counter() - t0
             stats.batch_bytes = max(stats.batch_bytes, int((self.bytes_per_image or 0) * len(images)))
             t0 = time.perf_counter()
             delta, diag, info = self.solve_batch(lin)
             stats.solve_seconds += time.perf_counter() - t0
             stats.pcg_iterations.append(info.iterations)
-            deltas.append(delta)
-            diags.append(diag)
+            weighted_sum += diag * delta
+            weight_sum += diag
+            stats.num_batches += 1
+            single = delta if stats.num_batches == 1 else None
+            del delta, diag
+            last = (lin, images) if not pending and cfg.line_search_images == "last_batch" else None
             del lin
-        stats.num_batches = len(deltas)
-        delta = weighted_mean(deltas, diags) if len(deltas) > 1 else deltas[0]
+        if stats.num_batches == 1:
+            delta = single
+        else:  # (sum_i M_i)^-1 sum_i M_i delta_i, 0 where no batch sees a parameter (= weighted_mean)
+            delta = torch.where(weight_sum > 0, weighted_sum / torch.where(weight_sum > 0, weight_sum, 1.0), 0.0)
+        del weighted_sum, weight_sum
         delta = delta.clamp(-cfg.max_step, cfg.max_step)
         all_images = [i for b in batches for i in b]
 
         t0 = time.perf_counter()
-        theta_new, stats = self._line_search_and_damping(problem, theta, delta, all_images, stats)
+        theta_new, stats = self._line_search_and_damping(problem, theta, delta, all_images, stats, last)
         stats.line_search_seconds = time.perf_counter() - t0
         stats.seconds = time.perf_counter() - start
         return theta_new, stats
 
-    def _line_search_and_damping(self, problem: Problem, theta: Tensor, delta: Tensor, images: list[int], stats: LMStats):
+    def _line_search_and_damping(
+        self, problem: Problem, theta: Tensor, delta: Tensor, images: list[int], stats: LMStats,
+        last: tuple[Linearization, list[int]] | None = None,
+    ):
         cfg = self.config
-        count = max(1, round(cfg.line_search_fraction * len(images)))
-        if count >= len(images):
-            subset = list(images)
+        if last is not None:  # the last batch, still linearised
+            lin, subset = last
+            last = None
+            cost0 = lin.cost
+            slope = 2.0 * float(torch.dot(lin.gradient, delta.to(lin.gradient)))
+            curvature = float(lin.jvp(delta).square().sum())
+            del lin
         else:
-            pick = torch.randperm(len(images), generator=self.generator)[:count].tolist()
-            subset = [images[i] for i in sorted(pick)]
-        cost0, slope, curvature = problem.model_terms(theta, subset, delta)
+            count = max(1, round(cfg.line_search_fraction * len(images)))
+            if count >= len(images):
+                subset = list(images)
+            else:
+                pick = torch.randperm(len(images), generator=self.generator)[:count].tolist()
+                subset = [images[i] for i in sorted(pick)]
+            cost0, slope, curvature = problem.model_terms(theta, subset, delta)
 
         def model(gamma: float) -> float:
             return cost0 + gamma * slope + gamma * gamma * curvature

@@ -171,14 +171,25 @@ class Pairs:
         return int(self.gaussian.numel())
 
 
-def visible_pairs(params: dict[str, Tensor], cameras: Cameras):
-    """(pairs, tile lists over pair ids) at ``params`` (no gradients)."""
+def visible_pairs(params: dict[str, Tensor], cameras: Cameras, sh_degree: int | None = None):
+    """(pairs, tile lists over pair ids, q [V,9] or None) at ``params``.
+
+    No gradients; native projection and binning. q (2D mean, conic, opacity, RGB per visible
+    pair) is computed when ``sh_degree`` is given.
+    """
+    from fieldkit.render.backends import cpu as cpu_backend
+
+    rast = cpu_backend.extension()
     with torch.no_grad():
-        means, quats, scales, _, _ = activated(params)
-        proj = project_gaussians(means, quats, scales, cameras.world_to_cam.to(means), cameras.K.to(means), cameras.width, cameras.height)
-        isect = intersect_tiles(proj.means2d, proj.radii, proj.depths, cameras.width, cameras.height)
-    visible = (proj.radii[..., 0] > 0).flatten()
-    C, N = proj.depths.shape
+        means, quats, scales, _, _ = activated({k: v.detach() for k, v in params.items()})
+        dtype = means.dtype
+        m2d, conics, depths, radii = rast.project_forward(
+            means.contiguous(), quats.contiguous(), scales.contiguous(), cameras.world_to_cam.to(dtype).contiguous(),
+            cameras.K.to(dtype).contiguous(), cameras.width, cameras.height, 0.3, 0.01, 1e10,
+        )
+        isect = cpu_backend.intersect_tiles_cpu(m2d, radii, depths, cameras.width, cameras.height)
+    visible = (radii[..., 0] > 0).flatten()
+    C, N = depths.shape
     flat = torch.nonzero(visible).flatten()  # camera-major: grouped by camera
     flat_to_pair = torch.full((C * N,), -1, dtype=torch.int64)
     flat_to_pair[flat] = torch.arange(flat.numel())
@@ -186,7 +197,21 @@ def visible_pairs(params: dict[str, Tensor], cameras: Cameras):
     counts = torch.bincount(camera, minlength=C)
     bounds = [0] + torch.cumsum(counts, 0).tolist()
     isect.gaussian_ids = flat_to_pair[isect.gaussian_ids]
-    return Pairs(camera, gaussian, bounds, flat_to_pair), isect
+    pairs = Pairs(camera, gaussian, bounds, flat_to_pair)
+    if sh_degree is None:
+        return pairs, isect, None
+    with torch.no_grad():
+        _, _, _, opacities, sh = activated({k: v.detach() for k, v in params.items()})
+        q = torch.empty(flat.numel(), 9, dtype=dtype)
+        q[:, 0:2] = m2d.reshape(-1, 2)[flat]
+        q[:, 2:5] = conics.reshape(-1, 3)[flat]
+        q[:, 5] = opacities[gaussian]
+        centers = cameras.centers.to(dtype)
+        for lo in range(0, flat.numel(), PAIR_CHUNK):
+            hi = min(lo + PAIR_CHUNK, flat.numel())
+            g = gaussian[lo:hi]
+            q[lo:hi, 6:9] = sh_to_rgb(sh_degree, means[g] - centers[camera[lo:hi]], sh[g])
+    return pairs, isect, q
 
 
 def pair_quantities(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_degree: int) -> Tensor:
@@ -300,6 +325,40 @@ class PairJacobian:
         return out
 
 
+def sh_basis_gradient(degree: int, dirs: Tensor) -> Tensor:
+    """d Y_l / d (x, y, z) of :func:`fieldkit.render.sh.sh_basis` at unit ``dirs`` [..., 3]: [..., L, 3].
+
+    The basis polynomials differentiated term by term (the normalisation is chained by the caller).
+    """
+    from fieldkit.render.sh import C1, C2, C3
+
+    x, y, z = dirs.unbind(-1)
+    zero, one = torch.zeros_like(x), torch.ones_like(x)
+    rows = [(zero, zero, zero)]
+    if degree >= 1:
+        rows += [(zero, -C1 * one, zero), (zero, zero, C1 * one), (-C1 * one, zero, zero)]
+    if degree >= 2:
+        rows += [
+            (C2[0] * y, C2[0] * x, zero),
+            (zero, C2[1] * z, C2[1] * y),
+            (-2 * C2[2] * x, -2 * C2[2] * y, 4 * C2[2] * z),
+            (C2[3] * z, zero, C2[3] * x),
+            (2 * C2[4] * x, -2 * C2[4] * y, zero),
+        ]
+    if degree >= 3:
+        xx, yy, zz = x * x, y * y, z * z
+        rows += [
+            (C3[0] * 6 * x * y, C3[0] * (3 * xx - 3 * yy), zero),
+            (C3[1] * y * z, C3[1] * x * z, C3[1] * x * y),
+            (-2 * C3[2] * x * y, C3[2] * (4 * zz - xx - 3 * yy), 8 * C3[2] * y * z),
+            (-6 * C3[3] * x * z, -6 * C3[3] * y * z, C3[3] * (6 * zz - 3 * xx - 3 * yy)),
+            (C3[4] * (4 * zz - 3 * xx - yy), -2 * C3[4] * x * y, 8 * C3[4] * x * z),
+            (2 * C3[5] * x * z, -2 * C3[5] * y * z, C3[5] * (xx - yy)),
+            (C3[6] * (3 * xx - 3 * yy), -6 * C3[6] * x * y, zero),
+        ]
+    return torch.stack([torch.stack(r, dim=-1) for r in rows], dim=-2)
+
+
 def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_degree: int) -> PairJacobian:
     """Per-pair blocks of d q / d parameters at ``params``.
 
@@ -339,17 +398,17 @@ def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_
             geometry[lo:hi, :, 3:7] = v_quats.reshape(5, n, 4).transpose(0, 1)
             geometry[lo:hi, :, 7:10] = (v_scales.reshape(5, n, 3) * scales[idx]).transpose(0, 1)  # d/d log s = s d/ds
 
-            coeffs = sh[idx]
-            f = lambda m: sh_to_rgb(sh_degree, m - centers[c], coeffs)  # noqa: E731
-            for j in range(3):
-                tangent = torch.zeros(n, 3, dtype=dtype)
-                tangent[:, j] = 1.0
-                color_means[lo:hi, :, j] = torch.func.jvp(f, (means[idx],), (tangent,))[1]
-            dirs = means[idx] - centers[c]
-            dirs = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            coeffs = sh[idx, :L]
+            offset = means[idx] - centers[c]
+            norm = offset.norm(dim=-1, keepdim=True)
+            dirs = offset / norm.clamp_min(1e-12)
             basis[lo:hi] = sh_basis(sh_degree, dirs)
-            raw = (basis[lo:hi, :, None] * coeffs[:, :L]).sum(1) + 0.5
+            raw = (basis[lo:hi, :, None] * coeffs).sum(1) + 0.5
             mask[lo:hi] = (raw >= 0).to(dtype)
+            # d rgb / d mean = mask * sum_l coeff_l (grad Y_l)^T (I - d d^T) / |offset|  (normalisation chained)
+            d_rgb_d_dir = torch.einsum("vlc,vlk->vck", coeffs, sh_basis_gradient(sh_degree, dirs))  # [n,3,3]
+            projector = (torch.eye(3, dtype=dtype) - dirs[:, :, None] * dirs[:, None, :]) / norm.clamp_min(1e-12)[..., None]
+            color_means[lo:hi] = mask[lo:hi, :, None] * (d_rgb_d_dir @ projector)
         slope = opacities * (1 - opacities)
     return PairJacobian(pairs.gaussian, geometry, color_means, basis, mask, slope)
 
@@ -372,10 +431,9 @@ class NativeLinearization:
         targets = problem.images[list(images)].to(theta)
         params = problem.layout.unflatten(self.theta)
         self._like = params
-        self.pairs, isect = visible_pairs(params, cams)
-        with torch.no_grad():
-            q = pair_quantities(params, cams, self.pairs, problem.sh_degree).contiguous()
+        self.pairs, isect, q = visible_pairs(params, cams, problem.sh_degree)
         self.jq = pair_jacobian(params, cams, self.pairs, problem.sh_degree)
+        q = q.contiguous()
         self.m2d, self.conic, self.opac = q[:, 0:2].contiguous(), q[:, 2:5].contiguous(), q[:, 5].contiguous()
         bg = problem.background.to(theta).expand(len(cams), 3).contiguous()
         out = ext.build_cache(
@@ -498,8 +556,7 @@ class NativeProblem:
         cams = self.cameras[list(images)]
         with torch.no_grad():
             params = self.layout.unflatten(theta.detach())
-            pairs, isect = visible_pairs(params, cams)
-            q = pair_quantities(params, cams, pairs, self.sh_degree).contiguous()
+            pairs, isect, q = visible_pairs(params, cams, self.sh_degree)
             bg = self.background.to(theta).expand(len(cams), 3).contiguous()
             out = extension().build_cache(
                 q[:, 0:2].contiguous(), q[:, 2:5].contiguous(), q[:, 5].contiguous(), q[:, 6:9].contiguous(), bg,

@@ -224,6 +224,8 @@ def sample_along_rays(
     hit = t_far > t_near
     chord = (t_far - t_near).clamp_min(0)
     n_inner = int(math.ceil(float(chord.max()) / step_size)) if R and bool(hit.any()) else 0
+    if occupancy is not None and not space.contracted and hasattr(occupancy, "coarse") and n_inner > 16:
+        return _sample_bounded_two_level(rays, space, step_size, occupancy, t_near, t_far, hit, n_inner, stratified, generator)
     parts_t, parts_d, parts_valid = [], [], []
     if n_inner > 0:
         idx = torch.arange(n_inner, device=device, dtype=torch.float32)
@@ -265,6 +267,49 @@ def sample_along_rays(
         valid &= occupancy.query(space.to_unit(points.reshape(-1, 3))).reshape(valid.shape)
     ray_ids, cols = valid.nonzero(as_tuple=True)  # row-major: sorted by ray, then by t
     return Samples(ray_ids, t[ray_ids, cols], deltas[ray_ids, cols], R)
+
+
+def _sample_bounded_two_level(rays, space, step_size, occupancy, t_near, t_far, hit, n_inner, stratified, generator):
+    """Same samples as the flat path of :func:`sample_along_rays` (bounded space), found faster.
+
+    Bins are grouped ``k`` at a time; a group is tested once, at its centre, against the
+    occupancy grid max-pooled ``f`` x and dilated by one coarse cell, which is conservative as long
+    as half a group (k * step / 2) fits in one coarse cell. Only the bins of occupied groups are
+    then tested against the full-resolution grid.
+    """
+    device = rays.origins.device
+    R = len(rays)
+    half = space.half_size.to(device)
+    unit_o = (rays.origins - space.center.to(device)) / (2 * half) + 0.5  # unit = unit_o + unit_d * t
+    unit_d = rays.directions / (2 * half)
+    factor = 4
+    coarse, res = occupancy.coarse(factor)
+    cell_world = float((2 * half).min()) / res
+    k = int(max(1, min(8, math.floor(2 * cell_world / step_size))))
+    n_groups = int(math.ceil(n_inner / k))
+    g = torch.arange(n_groups, device=device, dtype=torch.float32)
+    t_mid = t_near[:, None] + (g[None] + 0.5) * (k * step_size)  # [R, G]
+    valid_g = hit[:, None] & (t_near[:, None] + g[None] * (k * step_size) < t_far[:, None])
+    u = unit_o[:, None, :] + unit_d[:, None, :] * t_mid[..., None]
+    cell = torch.floor(u * res).long()
+    inside = ((cell >= 0) & (cell < res)).all(dim=-1)
+    cell = cell.clamp(0, res - 1)
+    flat = cell[..., 0] + res * (cell[..., 1] + res * cell[..., 2])
+    valid_g &= coarse[flat] | ~inside  # groups straddling the cube's faces stay (the fine test decides)
+    ray_g, col_g = valid_g.nonzero(as_tuple=True)  # sorted by ray, then group
+    bins = col_g[:, None] * k + torch.arange(k, device=device)[None]  # [M, k]
+    ray_ids = ray_g[:, None].expand(-1, k).reshape(-1)
+    bins = bins.reshape(-1)
+    t_start = t_near[ray_ids] + bins.float() * step_size
+    tf = t_far[ray_ids]
+    keep = t_start < tf
+    ray_ids, t_start, tf = ray_ids[keep], t_start[keep], tf[keep]
+    jitter = _rand((len(t_start),), generator, device) if stratified else torch.full_like(t_start, 0.5)
+    t = torch.minimum(t_start + jitter * step_size, tf)
+    deltas = (torch.minimum(t_start + step_size, tf) - t_start).clamp_min(0)
+    u = unit_o[ray_ids] + unit_d[ray_ids] * t[:, None]
+    keep = occupancy.query(u) & (deltas > 0)
+    return Samples(ray_ids[keep], t[keep], deltas[keep], R)
 
 
 # ---------------------------------------------------------------------------------------------

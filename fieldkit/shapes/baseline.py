@@ -118,10 +118,9 @@ class BaselineReconstruction:
     def mesh(self, resolution: int = 256, coarse_resolution: int = 64):
         import time
 
-        from fieldkit.shapes.meshing import extract_mesh, mesh_report
+        from fieldkit.shapes.meshing import extract_mesh, mesh_report, oriented_mesh
 
         started = time.perf_counter()
         mesh, info = extract_mesh(self.field_normalised, self.hull.lo, self.hull.hi, resolution, coarse_resolution, near=lambda h: h)
-        mesh.apply_scale(self.scale)
-        mesh.apply_translation(self.centre)
+        mesh = oriented_mesh(mesh.vertices * self.scale + self.centre, mesh.faces)
         return mesh, {**info, "seconds": time.perf_counter() - started, **mesh_report(mesh)}

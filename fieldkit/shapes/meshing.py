@@ -114,6 +114,23 @@ def sample_grid(field: FieldFn, grid: GridSpec, coarse_stride: int = 4, near: Ca
     return values, evaluated
 
 
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    t = np.asarray(vertices, np.float64)[np.asarray(faces)]
+    t = t - t.reshape(-1, 3).mean(axis=0)  # centred: no cancellation far from the origin
+    return float(np.einsum("ij,ij->i", t[:, 0], np.cross(t[:, 1], t[:, 2])).sum() / 6.0)
+
+
+def oriented_mesh(vertices: np.ndarray, faces: np.ndarray):
+    """A fresh trimesh (no stale cached normals) whose triangles enclose a positive volume: normals out."""
+    import trimesh
+
+    vertices = np.array(vertices, dtype=np.float64)
+    faces = np.array(faces, dtype=np.int64)
+    if len(faces) and signed_volume(vertices, faces) < 0:
+        faces = faces[:, ::-1].copy()
+    return trimesh.Trimesh(vertices, faces, process=False)
+
+
 def drop_unsupported_components(mesh, support: np.ndarray, tolerance: float):
     """Keep the connected components that pass within ``tolerance`` of a ``support`` point (e.g. a contour
     vertex): a blob that touches no input contour has no evidence behind it. Returns (mesh, dropped)."""
@@ -155,8 +172,7 @@ def extract_mesh(field: FieldFn, lo: np.ndarray, hi: np.ndarray, resolution: int
     dropped = 0
     if support is not None:
         mesh, dropped = drop_unsupported_components(mesh, support, 2.0 * grid.spacing)
-    if mesh.volume < 0:
-        mesh.invert()
+    mesh = oriented_mesh(mesh.vertices, mesh.faces)
     info = {"evaluations": evaluated, "spacing": grid.spacing, "grid": list(grid.shape), "dropped_components": dropped}
     return mesh, info
 

@@ -1,5 +1,6 @@
 // 3DGS-LM gradient cache, CPU (C++/OpenMP): built once per batch after the forward pass, then
 // read by every Jacobian product of the conjugate-gradient solve instead of re-marching rays.
+// Python side: fieldkit/optim/lm_native.py (extension fieldkit_lm_cpu).
 //
 // Compositing semantics are those of kernels/include/fieldkit/composite.h (and the torch
 // reference fieldkit/render/composite.py): per pixel, front to back over its tile's list,
@@ -8,15 +9,20 @@
 // Gaussians are addressed by "pair" ids: one per visible (camera, Gaussian), with its 2D mean,
 // conic, opacity and RGB colour; the tile lists hold pair ids.
 //
-// Cache entry = one (pixel, pair) that was blended, stored in pixel order (CSR by pixel):
-//   pair id (int32), pixel id (int32), w = alpha T (colour weight), a = alpha when the 0.999
-//   clamp is inactive else 0 (d alpha / d sigma = -a, d alpha / d opacity = a / o),
+// Cache entry = one blended (pixel, pair), stored sorted by pair (CSR: pair_offsets):
+//   pixel id (int32), w = alpha T (colour weight), a = alpha where the 0.999 clamp is inactive
+//   else 0 (d alpha / d sigma = -a, d alpha / d opacity = a / o), and
 //   dC/dalpha (3) = T c - S / (1 - alpha), S = sum over the splats behind (w c) + T_final bg.
-// Plus a permutation sorting entries by pair (CSR by pair), so that
-//   J p   (jvp)  is parallel over pixels (each sums its own entries, no atomics), and
-//   J^T u (vjp)  is parallel over pairs (each sums its own entries, no atomics),
-// and the per-pair 9x9 blocks sum_p (dC_p/dq)^T W_p (dC_p/dq) for diag(J^T J) (hessian_blocks),
-// q = (mean x, mean y, conic a, b, c, opacity, r, g, b), W_p a symmetric 3x3 per pixel.
+// Plus, per pixel front to back (CSR: pixel_offsets), the index of each of its entries.
+// The 2D derivatives of alpha are recomputed from the pixel position, not stored.
+//   J p   (cache_jvp):  per-entry contributions in parallel over pairs, then each pixel sums
+//                       its own entries in compositing order (no atomics);
+//   J^T u (cache_vjp):  parallel over pairs, each summing its own contiguous entries;
+//   hessian_blocks:     per pair the 9x9 block sum_p (dC_p/dq)^T W_p (dC_p/dq) for diag(J^T J),
+//                       q = (mean x, mean y, conic a, b, c, opacity, r, g, b), W_p symmetric 3x3.
+// The build is two splat-outer passes per tile (like the native forward): pass 1 counts entries
+// per pixel and per tile-list slot, which fixes every entry's position in pair order; pass 2
+// writes them there directly (no temporary copy) and sweeps each pixel back to front.
 // All results are deterministic for any thread count.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
