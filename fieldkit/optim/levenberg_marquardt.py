@@ -76,6 +76,7 @@ from fieldkit.render.tiles import TileIntersections, intersect_tiles
 
 log = logging.getLogger("fieldkit")
 
+SOLVER_VECTORS = 16  # parameter-sized vectors alive during an LM iteration (counted against the budget)
 PARAM_ORDER = ("means", "quats", "log_scales", "opacity_logits", "sh_dc", "sh_rest")
 SSIM_WINDOW = 11
 
@@ -499,23 +500,28 @@ class BatchPlan:
         )
 
 
-def plan_batches(config: LMConfig, num_images: int, bytes_per_image: int, device: torch.device | str = "cpu") -> BatchPlan:
+def plan_batches(
+    config: LMConfig, num_images: int, bytes_per_image: int, device: torch.device | str = "cpu", fixed_bytes: int = 0
+) -> BatchPlan:
     """Images per batch and batch count so one batch's Jacobian state fits the budget.
 
-    The iteration keeps the requested total (batch_images x num_batches, at most every image);
-    when a batch must shrink, more batches are used.
+    ``fixed_bytes`` (the iteration's parameter-sized vectors) is taken off the budget first. The
+    iteration keeps the requested total (batch_images x num_batches, at most every image); when a
+    batch must shrink, more (equal-sized) batches are used.
     """
     available = available_memory_bytes(device)
     budget = int(config.memory_fraction * available)
     if config.memory_budget_bytes > 0:
         budget = min(budget, config.memory_budget_bytes)
+    budget -= fixed_bytes
     total = min(config.batch_images * config.num_batches, num_images)
     wanted = min(config.batch_images, total)
     fit = max(budget // max(bytes_per_image, 1), 0)
     if fit < 1:
         raise LMOutOfMemory(
-            f"one image needs ~{bytes_per_image / 2**20:.0f} MiB of Jacobian state but the LM budget is "
-            f"{budget / 2**20:.0f} MiB ({available / 2**20:.0f} MiB available)"
+            f"one image needs ~{bytes_per_image / 2**20:.0f} MiB of Jacobian state but the LM budget leaves "
+            f"{max(budget, 0) / 2**20:.0f} MiB after {fixed_bytes / 2**20:.0f} MiB of solver vectors "
+            f"({available / 2**20:.0f} MiB available)"
         )
     per_batch = min(wanted, fit)
     reason = "as configured" if per_batch == wanted else f"memory allows {fit} images per batch"
@@ -612,7 +618,9 @@ class LevenbergMarquardt:
                     raise LMOutOfMemory(f"linearising one image ran out of memory ({str(error).splitlines()[0][:200]})") from None
                 del lin
             self.bytes_per_image = int(used * 1.25)  # margin for CG vectors and allocator slack
-        plan = plan_batches(self.config, problem.num_images, self.bytes_per_image, self.device)
+        # CG (x, r, z, p, A p, b, M^-1, damping), diag, delta, the two mean sums, line-search copies
+        fixed = SOLVER_VECTORS * theta.numel() * theta.element_size()
+        plan = plan_batches(self.config, problem.num_images, self.bytes_per_image, self.device, fixed)
         chosen = order[: min(self.config.batch_images * self.config.num_batches, problem.num_images)]
         # plan.num_batches batches of nearly equal size (never more than plan.images_per_batch)
         bounds = [round(i * len(chosen) / plan.num_batches) for i in range(plan.num_batches + 1)]

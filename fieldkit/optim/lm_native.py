@@ -4,31 +4,30 @@ The LM Jacobian of a batch factors as J = D * J_img * J_q:
 
 - J_q: the per-(camera, Gaussian) screen-space quantities q = (2D mean, conic, opacity, RGB),
   9 per *visible pair* (a Gaussian that the projection keeps in a camera), as functions of the
-  raw parameters. Computed with the torch reference projection and SH evaluation restricted to
-  the visible pairs, differentiated with ``torch.func`` (jvp; one vjp graph per batch). Cheap:
-  O(pairs), no pixels.
-- J_img: pixel colours w.r.t. q. This is the expensive part; the extension
-  ``fieldkit_lm_cpu`` (``kernels/lm/lm_cache_cpu.cpp``) walks every ray once after the forward
-  and caches, per blended (pixel, pair): the colour weight alpha T, alpha (0 where the 0.999
-  clamp is active) and dC/dalpha (3), i.e. 3DGS-LM's gradient cache (paper §4.2), in pixel
-  order plus a permutation sorting it by pair. J_img p is then parallel over pixels and
-  J_img^T u parallel over pairs, both without atomics; the 2D derivatives of alpha are
-  recomputed from the pixel position (cheap) instead of stored.
+  raw parameters. Held as explicit per-pair blocks (:class:`PairJacobian`): geometry from the
+  native rasterizer's projection VJP, colour w.r.t. position from the analytic SH basis
+  gradient, SH columns as basis values x clamp mask, the sigmoid slope for opacity. J_q p and
+  J_q^T g are small einsums: O(pairs), no pixels.
+- J_img: pixel colours w.r.t. q, the expensive part. The extension ``fieldkit_lm_cpu``
+  (``kernels/lm/lm_cache_cpu.cpp``) walks every ray once after the forward and caches, per
+  blended (pixel, pair): the colour weight alpha T, alpha (0 where the 0.999 clamp is active)
+  and dC/dalpha (3), i.e. 3DGS-LM's gradient cache, stored sorted by pair, plus each pixel's
+  entry list. J_img^T u is parallel over pairs, J_img p parallel over pairs then pixels, both
+  without atomics; the 2D derivatives of alpha are recomputed from the pixel position.
 - D: per pixel, d r / d colour: the L1 residuals' elementwise slope, and for SSIM the paper's
   approximation that keeps rays independent: the SSIM residual centred on pixel p depends only
   on p's colour, with slope G_p / (2 r_p) where G_p is the exact gradient of the summed
-  SSIM term w.r.t. p's colour (so J^T F is the exact half-gradient away from the 5-pixel
-  border). The right-hand side b = -(1/2) grad E is exact (autograd through the SSIM).
+  SSIM term w.r.t. p's colour. The right-hand side b = -(1/2) grad E is exact (autograd
+  through the SSIM); only the curvature model uses the approximation.
 
 diag(J^T J) is exact for this J: the extension accumulates per pair the 9x9 block
-sum_p (dC_p/dq)^T (D_p^T D_p) (dC_p/dq); columns of J_q for position, rotation, scale and
-opacity come from one jvp each (the same unit tangent for every Gaussian: each pair's q depends
-on its own Gaussian only) and SH columns analytically (basis value x clamp mask).
+H = sum_p (dC_p/dq)^T (D_p^T D_p) (dC_p/dq) and :meth:`PairJacobian.diag` forms
+diag(J_q^T H J_q) per raw parameter.
 
-Memory per batch (float32 parameters): 28 bytes per cache entry (ids, pixel, weight, alpha,
-dC/dalpha x3) + 4 (sort permutation), ~70 bytes per pixel, ~500 bytes per visible pair
-(q, their vjp graph, Hessian blocks); ``NativeProblem.bytes_per_image`` counts one image's
-entries with a forward pass so the LM driver can size batches before building anything.
+Memory per batch (float32 parameters): 28 bytes per cache entry (pixel, weight, alpha,
+dC/dalpha x3, the pixel's entry index) + 12 transient in J p, ~100 bytes per pixel, ~600 bytes
+per visible pair (q, J_q blocks, Hessian blocks); ``NativeProblem.bytes_per_image`` counts one
+image's entries with a forward pass so the LM driver can size batches before building anything.
 
 Build: compiled on first use with :func:`torch.utils.cpp_extension.load` (like the native
 rasterizer, :mod:`fieldkit.render.backends.cpu`), cached under ``$FIELDKIT_CACHE_DIR`` in a
@@ -39,7 +38,6 @@ folder keyed by a hash of the sources, torch and Python versions and flags.
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -67,13 +65,13 @@ from fieldkit.optim.levenberg_marquardt import (
 )
 from fieldkit.render.projection import project_gaussians
 from fieldkit.render.sh import sh_basis, sh_to_rgb
-from fieldkit.render.tiles import intersect_tiles
 
 EXTENSION_NAME = "fieldkit_lm_cpu"
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
 _SOURCES = ("lm/lm_cache_cpu.cpp",)
 _HEADERS = ("include/fieldkit/common.h", "include/fieldkit/composite.h")
+PAIR_CHUNK = 1 << 15  # pairs per chunk of the J_q products (bounds their temporaries)
 BYTES_PER_ENTRY = 44  # int32 pixel + 5 float32 + int32 pixel->entry, + 12 for the J p buffer
 BYTES_PER_PIXEL = 100
 BYTES_PER_PAIR = 600  # q, J_q blocks, Hessian blocks (transient)
@@ -234,8 +232,6 @@ def pair_quantities(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, s
 # ---------------------------------------------------------------------------------------------
 # J_q as explicit per-pair blocks
 # ---------------------------------------------------------------------------------------------
-GEOMETRY = ("means", "quats", "log_scales")  # 3 + 4 + 3 = 10 columns per pair
-PAIR_CHUNK = 1 << 17
 
 
 @dataclass
