@@ -187,6 +187,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mesh-resolution", type=int, default=192)
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument("--save", type=Path, default=None, help="write each trained model's state to DIR/<variant>.pt")
+    parser.add_argument("--load", type=Path, default=None,
+                        help="skip training: load DIR/<variant>.pt (from --save) and only evaluate / mesh")
     args = parser.parse_args(argv)
     if not args.data.exists():
         print(f"lego_200 not found at {args.data} (pass --data)", file=sys.stderr)
@@ -202,7 +205,14 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.nerf_steps if VARIANTS[variant][0] == "nerf" else args.gs_steps
         print(f"{variant}: {steps} steps", flush=True)
         method = build(variant, scene, steps, args.seed, args.nerf)
-        timing = train(method, steps, args.log_every, variant)
+        if args.load is not None:
+            method.load_state_dict(torch.load(args.load / f"{variant}.pt", map_location="cpu", weights_only=True))
+            timing = {"wall_s": float("nan"), "cpu_s": float("nan"), "curve": []}
+        else:
+            timing = train(method, steps, args.log_every, variant)
+        if args.save is not None:
+            args.save.mkdir(parents=True, exist_ok=True)
+            torch.save(method.state_dict(), args.save / f"{variant}.pt")
         metrics = evaluate(method, scene)
         row = {"variant": variant, "steps": steps, "params": n_params(method), **metrics,
                "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"], "curve": timing["curve"]}

@@ -36,8 +36,9 @@ from fieldkit.render.volume import SceneSpace, camera_rays, pixel_rays, render_r
 class NerfConfig:
     """Instant-NGP-style radiance field options."""
 
-    cam: Annotated[bool, tyro.conf.arg(aliases=("--cam",))] = False
-    """Coordinate-Aware Modulation of the MLPs' hidden layers (scale/shift grids, LayerNorm)."""
+    cam: Annotated[bool, tyro.conf.arg(aliases=("--cam",))] = True
+    """Coordinate-Aware Modulation of the MLPs' hidden layers (scale/shift grids, LayerNorm); on by
+    default: +0.75 dB on lego_200 at 1000 steps for 0.22 % more parameters (about 25 % more CPU per step)."""
     cam_coord: str = "xyz"
     """CAM coordinate: xyz (3-D grid over the scene cube, all hidden layers) or dir (view direction, colour MLP)."""
     cam_resolution: tuple[int, ...] = (16, 16, 16)

@@ -745,7 +745,10 @@ def make_problem(
 ) -> tuple[ParamLayout, Problem, str]:
     """(layout, problem, backend name) for ``config.backend``; auto prefers the native cache."""
     layout = ParamLayout.of(params)
-    if config.backend in ("auto", "native"):
+    on_cpu = params["means"].device.type == "cpu"
+    if config.backend == "native" and not on_cpu:
+        raise RuntimeError("the native LM gradient cache is CPU-only (no CUDA build); use --gs.lm.backend reference")
+    if config.backend in ("auto", "native") and on_cpu:
         try:
             from fieldkit.optim import lm_native
 
