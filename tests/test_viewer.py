@@ -276,7 +276,10 @@ def test_gui_controls_pause_mode_and_save(viewer_factory, tmp_path):
         assert client.wait_for_image(10, size=(64, 48), fmt="png") is not None
         client.click_button(gui_uuid(viewer._pause))
         deadline = time.monotonic() + 5
-        while not trainer.paused and time.monotonic() < deadline:
+        # The click handler runs on viser's thread: wait until it has finished (pause, label, stats).
+        while not (trainer.paused and viewer._pause.label == "Resume training" and "paused" in viewer._stats_text()):
+            if time.monotonic() > deadline:
+                break
             time.sleep(0.01)
         assert trainer.paused and viewer._pause.label == "Resume training"
         text = viewer._stats_text()
