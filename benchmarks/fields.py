@@ -13,8 +13,10 @@ shared machine wall time depends on the neighbours; CPU time does not), and seco
 With ``--mesh`` each run is meshed (nerf: marching cubes on density; gs: TSDF fusion of rendered
 depth) and compared with the only reference geometry lego_200 ships: the 800 x 800 depth render
 of test view r_0 (``depth_normal_sample_800``). That PNG is an 8-bit visualisation; it is read
-as depth = 8 (1 - v / 255) in scene units along the camera axis (v > 0 marks the object). The
-benchmark checks this reading against the run's own rendered depth and prints the fit. The
+as distance from the camera centre along each pixel's ray = 8 (1 - v / 255) scene units (v > 0
+marks the object; Cycles' depth pass is radial). The benchmark checks this reading against the
+run's own rendered distance and prints the fit (a trained field agrees to about 0.02 units,
+against 0.07 for the planar-depth reading). The
 Chamfer distance is the mean of completeness (reference points to the mesh surface) and accuracy
 (mesh surface points not hidden behind the reference surface in that view, to the reference
 points), in scene units (the lego is about 2.5 units tall).
@@ -100,32 +102,34 @@ def reference_points(data: Path, scene) -> tuple[np.ndarray, dict]:
     """World points of the lego depth sample (view r_0 at 800 px) and the camera it was taken from."""
     from PIL import Image
 
+    from fieldkit.render.volume import camera_rays
+
     png = np.asarray(Image.open(data / "depth_normal_sample_800" / "r_0_depth_0001.png")).astype(np.float64)
     value = png[..., 0]
     mask = value > 0
-    depth = 8.0 * (1.0 - value / 255.0)
+    distance = 8.0 * (1.0 - value / 255.0)  # along the ray, from the camera centre
     images, cameras = scene.subset("test")
     cam = cameras[0].scaled(800 / cameras.width)  # test r_0, intrinsics at 800 px
-    K = cam.K[0].double().numpy()
-    rows, cols = np.nonzero(mask)
-    z = depth[rows, cols]
-    x = (cols + 0.5 - K[0, 2]) / K[0, 0] * z
-    y = (rows + 0.5 - K[1, 2]) / K[1, 1] * z
-    c2w = cam.cam_to_world[0].double().numpy()
-    pts = np.stack([x, y, z], -1) @ c2w[:3, :3].T + c2w[:3, 3]
-    return pts, {"camera": cam, "depth": depth, "mask": mask}
+    rays = camera_rays(cam)
+    origins = rays.origins.double().numpy().reshape(800, 800, 3)
+    dirs = rays.directions.double().numpy().reshape(800, 800, 3)
+    pts = origins[mask] + dirs[mask] * distance[mask][:, None]
+    return pts, {"camera": cam, "distance": distance, "mask": mask, "center": origins[0, 0]}
 
 
 def depth_reading_check(method, ref: dict) -> dict:
-    """Compare the run's rendered camera depth at r_0 with the PNG reading (200 px, both masks)."""
+    """Compare the run's rendered distance at r_0 with the PNG reading (200 px, both masks)."""
+    from fieldkit.render.volume import camera_rays
+
     cam = ref["camera"].scaled(0.25)
     out = method.render(cam)
-    ours = out["depth"][0, ..., 0].cpu().numpy().astype(np.float64)
+    z_scale = camera_rays(cam).z_scale.reshape(200, 200).cpu().numpy().astype(np.float64)
+    ours = out["depth"][0, ..., 0].cpu().numpy().astype(np.float64) / z_scale
     alpha = out["alpha"][0, ..., 0].cpu().numpy()
-    depth = ref["depth"].reshape(200, 4, 200, 4).mean(axis=(1, 3))
+    distance = ref["distance"].reshape(200, 4, 200, 4).mean(axis=(1, 3))
     mask = ref["mask"].reshape(200, 4, 200, 4).all(axis=(1, 3)) & (alpha > 0.95)
-    diff = ours[mask] - depth[mask]
-    a, b = np.polyfit(depth[mask], ours[mask], 1)
+    diff = ours[mask] - distance[mask]
+    a, b = np.polyfit(distance[mask], ours[mask], 1)
     return {"median_abs_diff": float(np.median(np.abs(diff))), "fit_slope": float(a), "fit_offset": float(b), "pixels": int(mask.sum())}
 
 
@@ -154,7 +158,8 @@ def chamfer(verts: np.ndarray, faces: np.ndarray, ref_pts: np.ndarray, ref: dict
     visible = inside.copy()
     idx = np.nonzero(inside)[0]
     on_object = ref["mask"][row[idx], col[idx]]
-    behind = on_object & (pc[idx, 2] > ref["depth"][row[idx], col[idx]] + 0.02)
+    dist = np.linalg.norm(surf[idx] - ref["center"], axis=-1)
+    behind = on_object & (dist > ref["distance"][row[idx], col[idx]] + 0.02)
     visible[idx[behind]] = False
     accuracy = cKDTree(ref_sub).query(surf[visible], workers=-1)[0]
     return {"chamfer": float(0.5 * (completeness.mean() + accuracy.mean())), "completeness": float(completeness.mean()),

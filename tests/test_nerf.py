@@ -120,7 +120,8 @@ def test_cli_train_eval_export(tmp_path):
     method, scene, _, step = load_run(run)
     assert step == 30
     lin = torch.linspace(0, 1, 24)
-    density = method.model.density(torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3))
+    with torch.no_grad():
+        density = method.model.density(torch.stack(torch.meshgrid(lin, lin, lin, indexing="ij"), -1).reshape(-1, 3))
     verts, faces, colors = field_mesh(method, resolution=24, level=float(density.median()))
     assert len(faces) > 0 and colors.shape == verts.shape and np.all((colors >= 0) & (colors <= 1))
     assert np.all(np.abs(verts) <= 1.5 + 1e-4)  # inside the Blender box
@@ -174,3 +175,18 @@ def test_tsdf_fusion_recovers_a_sphere_and_ply_round_trip(tmp_path):
     path = write_mesh_ply(tmp_path / "sphere.ply", verts, faces, colors)
     v2, f2, c2 = read_mesh_ply(path)
     assert np.allclose(v2, verts, atol=1e-6) and np.array_equal(f2, faces) and np.allclose(c2, 0.25, atol=1 / 255)
+
+
+def test_tsdf_mesh_of_a_gaussian_run(demo_scene, tmp_path):
+    """The general mesh path serves Gaussian runs: fuse their rendered depth at the training views."""
+    from fieldkit.export.mesh import export_mesh, tsdf_mesh
+    from fieldkit.methods.gs import GaussianSplatting, GSConfig
+
+    method = GaussianSplatting(GSConfig(init_random_points=2000), demo_scene, max_steps=20, seed=0, backend="torch")
+    for step in range(20):
+        method.train_step(step)
+    verts, faces, colors = tsdf_mesh(method, demo_scene, resolution=40, max_views=8)
+    assert len(faces) > 0 and colors.shape == verts.shape
+    assert np.all(np.abs(verts) <= 1.5 + 1e-4)  # inside the Blender box
+    with pytest.raises(ValueError, match="scene"):
+        export_mesh(object(), tmp_path / "x.ply")
