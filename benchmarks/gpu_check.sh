@@ -13,7 +13,8 @@
 #              compute-sanitizer on a small forward + backward (float32 and float64, D = 4 and 8,
 #              tile sizes 16 / 8 / 32), torch's caching allocator off so out-of-bounds accesses
 #              inside pooled blocks are caught
-#   bench      benchmarks/rasterizer.py --backends torch,cuda,gsplat (garden fixture; synchronised
+#   bench      benchmarks/rasterize.py --device cuda: scenes (a)-(c), cuda/gsplat/torch, CUDA events
+#   bench-sizes (not run by default) benchmarks/rasterizer.py --backends torch,cuda,gsplat (garden fixture; synchronised
 #              wall clock, peak RSS) -> OUT_DIR/rasterizer.json
 #   events     cuda vs gsplat forward / backward timed with CUDA events (median of 20 after 3 warm-ups)
 #
@@ -159,7 +160,7 @@ want() { [[ " ${STEPS:-env compile build parity sanitizer bench events} " == *" 
 want env && step env env_info
 want compile && step compile "$PY" -m pytest -q -s tests/test_backend_cuda.py -k "compiles or sort_keys" -p no:cacheprovider
 want build && step build build
-want parity && step parity "$PY" -m pytest -q -rs tests/test_backend_cuda.py -p no:cacheprovider
+want parity && step parity "$PY" -m pytest -q -rs tests/test_backend_cuda.py tests/test_hashgrid.py -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"}
 if want sanitizer; then
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck initcheck; do
@@ -171,7 +172,8 @@ if want sanitizer; then
     fi
 fi
 # --mem-limit-gb 0: the benchmark's address-space cap would break CUDA initialisation.
-want bench && step bench "$PY" benchmarks/rasterizer.py --backends torch,cuda,gsplat --sizes 10000,100000 \
+want bench && step bench "$PY" benchmarks/rasterize.py --device cuda --json "$OUT/rasterize.json"
+want bench-sizes && step bench-sizes "$PY" benchmarks/rasterizer.py --backends torch,cuda,gsplat --sizes 10000,100000 \
     --resolutions 648x420,1296x840 --repeats 5 --mem-limit-gb 0 --json "$OUT/rasterizer.json"
 want events && step events events
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -46,6 +47,8 @@ class TrainCommand:
     """Training steps (default: the scene's fieldkit.json hint, else 7000)."""
     backend: BackendName = "auto"
     """Rasterizer backend: auto picks cuda, then the native CPU build, then torch."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where to train: auto uses the GPU when torch sees one (OReX always trains on the CPU)."""
     seed: int = 0
     resume: bool = False
     """Continue from the newest checkpoint in --output."""
@@ -163,7 +166,8 @@ def run_train(cmd: TrainCommand) -> Path:
     from fieldkit.trainer import seed_everything
 
     seed_everything(cmd.seed)
-    method = method_cls(method_config, scene, max_steps=max_steps, backend=cmd.backend, seed=cmd.seed)
+    device_kwargs = {"device": cmd.device} if "device" in inspect.signature(method_cls).parameters else {}
+    method = method_cls(method_config, scene, max_steps=max_steps, backend=cmd.backend, seed=cmd.seed, **device_kwargs)
     held_out = method.held_out_views()
     trainer = Trainer(method, run_dir, trainer_config, *(held_out or (None, None)))
     if cmd.resume:

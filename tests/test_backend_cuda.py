@@ -386,6 +386,8 @@ def test_forward_bitwise_equal_to_cpu_build_and_repeatable(cuda_ok):
     ok, reason = cpu_backend.is_available()
     if not ok:
         pytest.skip(f"native CPU backend unavailable: {reason}")
+    if cuda_backend.FAST_MATH:
+        pytest.skip("FIELDKIT_CUDA_FAST_MATH=1: FMA contraction, not bit-equal to the CPU build by design")
     dtype, width, height = torch.float32, 53, 40
     cams = make_cameras(2, width, height, dtype)
     means, quats, scales = make_gaussians(300, 6, dtype)

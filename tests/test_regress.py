@@ -93,24 +93,100 @@ def golden_workdir(tmp_path_factory):
     return tmp_path_factory.mktemp("golden")
 
 
+def _golden_failure(method, backend, renders, workdir):
+    """(None, result) when ``renders`` match the goldens, else (failure message with the table and the
+    HTML report's path, result)."""
+    refs = mg.references_for(method, backend)
+    result = compare_to_references(renders, refs)
+    if result.passed:
+        return None, result
+    report = write_html_report(workdir / f"{method}-{backend}-report.html", result, renders, refs)
+    return (
+        f"{method} on backend {backend} no longer renders its golden images ({refs}):\n{format_table(result)}\n"
+        f"side-by-side report: {report}\nIf the change is intended, regenerate with python tests/golden/make_golden.py"
+    ), result
+
+
 @pytest.mark.parametrize("backend", ["torch", "cpu", "cuda", "gsplat"])
 @pytest.mark.parametrize("method", sorted(mg.CASES))
 def test_golden_images(method, backend, golden_workdir):
-    ok, reason = mg.backend_available(backend)
+    ok, reason = mg.backend_available(backend, method)
     if not ok:
         pytest.skip(f"backend {backend} unavailable: {reason}")
     refs = mg.references_for(method, backend)
     assert refs.is_dir(), f"no goldens in {refs}; run python tests/golden/make_golden.py"
     renders = mg.render_case(method, backend, golden_workdir / backend)
     assert len(renders) == mg.VIEWS
-    result = compare_to_references(renders, refs)
-    if not result.passed:
-        report = write_html_report(golden_workdir / f"{method}-{backend}-report.html", result, renders, refs)
-        pytest.fail(
-            f"{method} on backend {backend} no longer renders its golden images ({refs}):\n{format_table(result)}\n"
-            f"side-by-side report: {report}\nIf the change is intended, regenerate with python tests/golden/make_golden.py"
-        )
+    message, result = _golden_failure(method, backend, renders, golden_workdir)
+    if message:
+        pytest.fail(message)
     assert all(c.psnr > 40 for c in result.comparisons)
+
+
+@pytest.mark.parametrize("method", sorted(mg.TRAINERS))
+def test_golden_checkpoint_matches_its_goldens(method):
+    """The stored fixed checkpoint is the one the goldens were rendered from (sha256 in each manifest)."""
+    import json
+
+    digest = mg.checkpoint_sha256(method)
+    folders = sorted(mg.GOLDEN_DIR.glob(f"{method}-*/manifest.json"))
+    assert folders, f"no goldens for {method}"
+    for manifest in folders:
+        recorded = json.loads(manifest.read_text()).get("checkpoint_sha256")
+        assert recorded == digest, (
+            f"{manifest} was rendered from another {mg.checkpoint_file(method).name} (sha256 {recorded}, stored {digest}); "
+            "rerun python tests/golden/make_golden.py"
+        )
+    assert mg.checkpoint_file(method).stat().st_size < 400_000  # keep tests/golden small
+
+
+@pytest.mark.parametrize("method", sorted(mg.TRAINERS))
+def test_golden_training_is_seeded(method):
+    """The script's training is repeatable: two short runs give identical weights (the stored
+    checkpoint comes from the full-length run of the same function)."""
+    trainer, _ = mg.TRAINERS[method]
+    a, b = (mg._render_state(trainer(steps=6)) for _ in range(2))
+
+    def tensors(state, prefix=""):
+        for key, value in state.items():
+            if isinstance(value, dict):
+                yield from tensors(value, f"{prefix}{key}.")
+            elif isinstance(value, torch.Tensor):
+                yield f"{prefix}{key}", value
+
+    pairs = dict(tensors(b))
+    for name, value in tensors(a):
+        assert torch.equal(value, pairs[name]), f"{method}: {name} differs between two seeded runs"
+
+
+# A slight change of the fixed model that any renderer bug of the same size would also cause.
+# gs-compact: the colour field's output (an SH DC coefficient) +0.06 in green, about 4/255 of colour.
+# nerf: the colour MLP's output bias +0.06 in green before the sigmoid, at most about 4/255.
+PERTURBATIONS = {
+    "gs-compact": ("field", "mlp.4.bias", 1, 0.06),
+    "nerf": ("model", "color_mlp.output.bias", 1, 0.06),
+}
+
+
+@pytest.mark.parametrize("method", sorted(PERTURBATIONS))
+def test_golden_test_catches_a_slight_change(method, tmp_path):
+    from fieldkit.trainer import latest_checkpoint
+
+    backend = "cpu" if mg.backend_available("cpu", method)[0] else "torch"  # the faster one here
+    run = mg.CASES[method](tmp_path / "run", backend)
+    path = latest_checkpoint(run)
+    ckpt = torch.load(path, weights_only=True)
+    group, name, channel, delta = PERTURBATIONS[method]
+    ckpt["state"][group][name][channel] += delta
+    torch.save(ckpt, path)
+    renders = mg.render_run(run, backend)
+    message, result = _golden_failure(method, backend, renders, tmp_path)
+    assert message is not None, f"a perturbed {method} model still matches its goldens:\n{format_table(result)}"
+    assert all(not c.passed for c in result.comparisons)
+    assert all(c.psnr > 30 for c in result.comparisons)  # the change is slight, yet every view fails
+    assert "FAIL" in message and "PSNR" in message and "failing px" in message
+    report = tmp_path / f"{method}-{backend}-report.html"
+    assert f"side-by-side report: {report}" in message and "FAIL" in report.read_text()
 
 
 def test_golden_checkpoint_is_deterministic():
@@ -120,16 +196,17 @@ def test_golden_checkpoint_is_deterministic():
         assert torch.equal(getattr(a, name), getattr(b, name))
 
 
-def test_goldens_look_like_the_demo_scene():
-    """The analytic splats are the demo scene: the goldens match its ray-traced test views roughly."""
+@pytest.mark.parametrize("method, min_psnr", [("gs", 18.0), ("gs-compact", 20.0), ("nerf", 16.0)])
+def test_goldens_look_like_the_demo_scene(method, min_psnr):
+    """The fixed checkpoints are the demo scene: the goldens match its ray-traced test views roughly."""
     from fieldkit.data import load_scene
     from fieldkit.metrics import psnr
 
     scene = load_scene(mg.DEMO)
     images, _ = scene.subset("test")
     for i in range(mg.VIEWS):
-        golden = torch.from_numpy(read_png(GOLDEN / "gs-torch" / f"test_{i:04d}.png")).float() / 255
-        assert float(psnr(golden[None], images[i : i + 1])) > 18.0
+        golden = torch.from_numpy(read_png(GOLDEN / f"{method}-torch" / f"test_{i:04d}.png")).float() / 255
+        assert float(psnr(golden[None], images[i : i + 1])) > min_psnr
 
 
 # -- the command: passes untouched, catches a perturbed render -------------------------------------

@@ -12,6 +12,14 @@ from torch import Tensor
 from fieldkit.cameras import Cameras
 
 
+def pick_device(device: str | torch.device = "auto", backend: str | None = None) -> torch.device:
+    """``"auto"``: the GPU when torch sees one (unless the backend is the native CPU build), else the
+    CPU; anything else as given."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() and backend != "cpu" else "cpu")
+    return torch.device(device)
+
+
 class Method(ABC):
     """A model plus how to train, render, save and export it. The trainer knows nothing else."""
 

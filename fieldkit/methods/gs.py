@@ -14,7 +14,7 @@ from torch import Tensor
 from fieldkit.cameras import Cameras
 from fieldkit.data.scene import Scene
 from fieldkit.losses import gaussian_splat_loss
-from fieldkit.methods.base import Method
+from fieldkit.methods.base import Method, pick_device
 from fieldkit.models.gaussians import Splats, rgb_to_sh_dc
 from fieldkit.optim.densify import Densifier, DensifyConfig
 from fieldkit.optim.levenberg_marquardt import LMConfig
@@ -92,12 +92,12 @@ class GaussianSplatting(Method):
     name = "gs"
     export_formats = ("ply", "splat")
 
-    def __init__(self, config: GSConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, config: GSConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "auto"):
         self.config = config
         self.scene = scene
         self.max_steps = max_steps
         self.backend = backend
-        self.device = torch.device(device)
+        self.device = pick_device(device, backend)
         self.generator = torch.Generator().manual_seed(seed)
         densify = config.densify.scaled_to(max_steps) if config.scale_schedule_to_steps else config.densify
         self.sh_interval = max(1, round(config.sh_degree_interval * max_steps / 30_000)) if config.scale_schedule_to_steps else config.sh_degree_interval

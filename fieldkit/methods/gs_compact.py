@@ -23,7 +23,7 @@ from fieldkit.cameras import Cameras
 from fieldkit.data.scene import Scene
 from fieldkit.fields.hashgrid import HashGridConfig
 from fieldkit.losses import gaussian_splat_loss
-from fieldkit.methods.base import Method
+from fieldkit.methods.base import Method, pick_device
 from fieldkit.methods.gs import GaussianSplatting, GSConfig, initial_splats
 from fieldkit.models.compact import ColorField, ResidualVQ, straight_through_mask, MASK_EPS
 from fieldkit.models.gaussians import Splats
@@ -77,12 +77,12 @@ class CompactGaussians(GaussianSplatting):
     name = "gs-compact"
     export_formats = ("ply", "splat", "compact")
 
-    def __init__(self, config: CompactConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "cpu"):
+    def __init__(self, config: CompactConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "auto"):
         self.config = config
         self.scene = scene
         self.max_steps = max_steps
         self.backend = backend
-        self.device = torch.device(device)
+        self.device = pick_device(device, backend)
         self.generator = torch.Generator().manual_seed(seed)
         scale = config.scale_schedule_to_steps
         densify = config.densify.scaled_to(max_steps) if scale else config.densify

@@ -27,7 +27,7 @@ from fieldkit.data.scene import Scene
 from fieldkit.fields.hashgrid import HashGridConfig, per_level_scale_for
 from fieldkit.fields.occupancy import OccupancyGrid
 from fieldkit.losses_s3im import s3im_loss
-from fieldkit.methods.base import Method
+from fieldkit.methods.base import Method, pick_device
 from fieldkit.models.radiance_field import FieldConfig, RadianceField
 from fieldkit.render.volume import SceneSpace, camera_rays, pixel_rays, render_rays
 
@@ -157,12 +157,6 @@ def lr_factor(step: int, max_steps: int, warmup: int) -> float:
     return factor
 
 
-def _pick_device(device: str | torch.device) -> torch.device:
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 class NeRF(Method):
     """Train a hash-grid radiance field on posed images."""
 
@@ -174,7 +168,7 @@ class NeRF(Method):
         self.config = config
         self.scene = scene
         self.max_steps = max_steps
-        self.device = _pick_device(device)
+        self.device = pick_device(device, backend)
         self.generator = torch.Generator().manual_seed(seed)
         field_config = config.field_config()
         implementation = _BACKEND_TO_IMPLEMENTATION.get(backend)

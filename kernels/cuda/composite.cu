@@ -86,15 +86,18 @@ __device__ __forceinline__ void stage_splat(SplatBatch<T>& batch, int slot, int6
     batch.op[slot] = opacities[g];
 }
 
-template <typename T>
+// DC > 0: the channel count is a compile-time constant (loops unroll, dL/dimage stays in registers);
+// DC == 0: any channel count, read from D_runtime.
+template <typename T, int DC>
 __global__ void __launch_bounds__(kBatch)
-    composite_forward_kernel(int64_t D, const T* __restrict__ means2d, const T* __restrict__ conics,
+    composite_forward_kernel(int64_t D_runtime, const T* __restrict__ means2d, const T* __restrict__ conics,
                              const T* __restrict__ opacities, const T* __restrict__ features,
                              const T* __restrict__ background, const int64_t* __restrict__ gaussian_ids,
                              const int64_t* __restrict__ tile_offsets, int width, int height, int tiles_x, int tiles_y,
                              int tile_size, T* __restrict__ image, T* __restrict__ alpha_out, T* __restrict__ final_T,
                              int64_t* __restrict__ last_index) {
     __shared__ SplatBatch<T> batch;
+    const int64_t D = DC > 0 ? DC : D_runtime;
     const PixelSlot s = pixel_slot(tile_offsets, width, height, tiles_x, tiles_y, tile_size);
     const int tid = threadIdx.y * kBlockSide + threadIdx.x;
     // Pixel centre (x + 0.5, y + 0.5): exact in float for any realistic image size.
@@ -153,9 +156,9 @@ __global__ void __launch_bounds__(kBatch)
     last_index[s.pix] = last;
 }
 
-template <typename T>
+template <typename T, int DC>
 __global__ void __launch_bounds__(kBatch)
-    composite_backward_kernel(int64_t D, const T* __restrict__ means2d, const T* __restrict__ conics,
+    composite_backward_kernel(int64_t D_runtime, const T* __restrict__ means2d, const T* __restrict__ conics,
                               const T* __restrict__ opacities, const T* __restrict__ features,
                               const T* __restrict__ background, const int64_t* __restrict__ gaussian_ids,
                               const int64_t* __restrict__ tile_offsets, int width, int height, int tiles_x,
@@ -165,6 +168,7 @@ __global__ void __launch_bounds__(kBatch)
                               T* __restrict__ v_opacities, T* __restrict__ v_features) {
     __shared__ SplatBatch<T> batch;
     __shared__ long long block_last;  // largest tile-local last index over the block's pixels
+    const int64_t D = DC > 0 ? DC : D_runtime;
     const PixelSlot s = pixel_slot(tile_offsets, width, height, tiles_x, tiles_y, tile_size);
     const int tid = threadIdx.y * kBlockSide + threadIdx.x;
     const bool lane0 = (tid & 31) == 0;
@@ -182,6 +186,9 @@ __global__ void __launch_bounds__(kBatch)
         const T* bg = background + s.camera * D;
         for (int64_t d = 0; d < D; ++d) g_bg = g_bg + gi[d] * bg[d];
     }
+    T gv[DC > 0 ? DC : 1];  // dL/dimage of this pixel in registers (compile-time channel count only)
+#pragma unroll
+    for (int d = 0; d < (DC > 0 ? DC : 1); ++d) gv[d] = (DC > 0 && s.inside) ? gi[d] : T(0);
     if (tid == 0) block_last = -1;
     __syncthreads();
     if (li >= 0) atomicMax(&block_last, li);
@@ -208,7 +215,8 @@ __global__ void __launch_bounds__(kBatch)
             if (ok) {
                 const T T_i = trans / (T(1) - alpha);
                 T g_f = T(0);
-                for (int64_t d = 0; d < D; ++d) g_f = g_f + gi[d] * f[d];
+#pragma unroll
+                for (int64_t d = 0; d < D; ++d) g_f = g_f + (DC > 0 ? gv[d] : gi[d]) * f[d];
                 const T v_al = blend_alpha_vjp(alpha, T_i, g_f, g_behind, g_bg, va, t_final);
                 w = alpha * T_i;
                 const T v_eff = alpha_unclamped(alpha_raw) ? v_al : T(0);
@@ -232,8 +240,9 @@ __global__ void __launch_bounds__(kBatch)
                 atomicAdd(v_conics + 3 * g + 2, dcc);
                 atomicAdd(v_opacities + g, dop);
             }
+#pragma unroll
             for (int64_t d = 0; d < D; ++d) {
-                const T vf = warp_sum(ok ? w * gi[d] : T(0));
+                const T vf = warp_sum(ok ? w * (DC > 0 ? gv[d] : gi[d]) : T(0));
                 if (lane0) atomicAdd(v_features + g * D + d, vf);
             }
         }
@@ -261,9 +270,14 @@ cudaError_t launch_composite_forward(int64_t C, int64_t N, int64_t D, const T* m
     const int64_t num_tiles = C * (int64_t)tiles_x * tiles_y;
     if (num_tiles <= 0 || width <= 0 || height <= 0) return cudaSuccess;
     if (bad_geometry(num_tiles, tile_size)) return cudaErrorInvalidValue;
-    composite_forward_kernel<T><<<grid_for(num_tiles, tile_size), dim3(kBlockSide, kBlockSide), 0, stream>>>(
-        D, means2d, conics, opacities, features, background, gaussian_ids, tile_offsets, width, height, tiles_x,
-        tiles_y, tile_size, image, alpha, final_T, last_index);
+#define FK_LAUNCH(DC)                                                                                          \
+    composite_forward_kernel<T, DC><<<grid_for(num_tiles, tile_size), dim3(kBlockSide, kBlockSide), 0, stream>>>( \
+        D, means2d, conics, opacities, features, background, gaussian_ids, tile_offsets, width, height, tiles_x,     \
+        tiles_y, tile_size, image, alpha, final_T, last_index)
+    if (D == 3) FK_LAUNCH(3);
+    else if (D == 4) FK_LAUNCH(4);
+    else FK_LAUNCH(0);
+#undef FK_LAUNCH
     return cudaGetLastError();
 }
 
@@ -278,9 +292,14 @@ cudaError_t launch_composite_backward(int64_t C, int64_t N, int64_t D, const T* 
     const int64_t num_tiles = C * (int64_t)tiles_x * tiles_y;
     if (num_tiles <= 0 || width <= 0 || height <= 0) return cudaSuccess;
     if (bad_geometry(num_tiles, tile_size)) return cudaErrorInvalidValue;
-    composite_backward_kernel<T><<<grid_for(num_tiles, tile_size), dim3(kBlockSide, kBlockSide), 0, stream>>>(
-        D, means2d, conics, opacities, features, background, gaussian_ids, tile_offsets, width, height, tiles_x,
-        tiles_y, tile_size, final_T, last_index, v_image, v_alpha, v_means2d, v_conics, v_opacities, v_features);
+#define FK_LAUNCH(DC)                                                                                           \
+    composite_backward_kernel<T, DC><<<grid_for(num_tiles, tile_size), dim3(kBlockSide, kBlockSide), 0, stream>>>( \
+        D, means2d, conics, opacities, features, background, gaussian_ids, tile_offsets, width, height, tiles_x,      \
+        tiles_y, tile_size, final_T, last_index, v_image, v_alpha, v_means2d, v_conics, v_opacities, v_features)
+    if (D == 3) FK_LAUNCH(3);
+    else if (D == 4) FK_LAUNCH(4);
+    else FK_LAUNCH(0);
+#undef FK_LAUNCH
     return cudaGetLastError();
 }
 
