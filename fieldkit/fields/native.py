@@ -15,14 +15,7 @@ the point gradient is split by point.
 
 from __future__ import annotations
 
-import hashlib
 import logging
-import os
-import platform
-import shutil
-import sys
-import threading
-import traceback
 from pathlib import Path
 from types import ModuleType
 
@@ -30,6 +23,7 @@ import torch
 from torch import Tensor
 
 from fieldkit.fields.hashgrid import LevelLayout
+from fieldkit.native_build import NativeExtension
 
 log = logging.getLogger("fieldkit")
 
@@ -45,9 +39,6 @@ CFLAGS = ["-O3", "-fopenmp"]
 LDFLAGS = ["-fopenmp"]
 CUDA_FLAGS = ["-O3"]
 
-_lock = threading.Lock()
-_modules: dict[str, ModuleType] = {}
-_failures: dict[str, str] = {}
 _warned: set[str] = set()
 
 
@@ -57,93 +48,33 @@ def warn_once(message: str) -> None:
         log.warning(message)
 
 
+def _cuda_requirements() -> str | None:
+    if not torch.cuda.is_available():
+        return "no CUDA device"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return "nvcc / CUDA_HOME not found" if CUDA_HOME is None else None
+
+
+_EXTENSIONS = {
+    kind: NativeExtension(f"fieldkit_hashgrid_{kind}", _SOURCES[kind], _HEADERS[kind], cflags=CFLAGS, ldflags=LDFLAGS,
+                          cuda_cflags=CUDA_FLAGS if kind == "cuda" else None, include_dirs=("hashgrid",),
+                          what="hash-grid kernel sources", requirements=_cuda_requirements if kind == "cuda" else None)
+    for kind in ("cpu", "cuda")
+}
+
+
 def kernels_dir(kind: str = "cpu") -> Path | None:
-    candidates = []
-    if os.environ.get("FIELDKIT_KERNELS_DIR"):
-        candidates.append(Path(os.environ["FIELDKIT_KERNELS_DIR"]))
-    package_root = Path(__file__).resolve().parents[1]  # .../fieldkit
-    candidates += [package_root / "kernels", package_root.parent / "kernels"]
-    for folder in candidates:
-        if all((folder / rel).is_file() for rel in _SOURCES[kind] + _HEADERS[kind]):
-            return folder
-    return None
-
-
-def _cache_root() -> Path:
-    if os.environ.get("FIELDKIT_CACHE_DIR"):
-        return Path(os.environ["FIELDKIT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "fieldkit"
-
-
-def _build_key(folder: Path, kind: str) -> str:
-    digest = hashlib.sha256()
-    for rel in sorted(_SOURCES[kind] + _HEADERS[kind]):
-        digest.update(rel.encode())
-        digest.update((folder / rel).read_bytes())
-    flags = CFLAGS + LDFLAGS + (CUDA_FLAGS if kind == "cuda" else [])
-    digest.update("|".join([torch.__version__, sys.version, platform.machine(), " ".join(flags)]).encode())
-    return digest.hexdigest()[:16]
-
-
-def _load(kind: str) -> ModuleType:
-    if os.environ.get("FIELDKIT_NO_NATIVE", "") not in ("", "0"):
-        raise RuntimeError("disabled by FIELDKIT_NO_NATIVE")
-    folder = kernels_dir(kind)
-    if folder is None:
-        raise RuntimeError("hash-grid kernel sources not found (looked in $FIELDKIT_KERNELS_DIR, fieldkit/kernels, <repo>/kernels)")
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        raise RuntimeError("no C++ compiler found")
-    if kind == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("no CUDA device")
-        from torch.utils.cpp_extension import CUDA_HOME
-
-        if CUDA_HOME is None:
-            raise RuntimeError("nvcc / CUDA_HOME not found")
-    name = f"fieldkit_hashgrid_{kind}"
-    build_dir = _cache_root() / "torch_extensions" / f"{name}-{_build_key(folder, kind)}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(
-            name=name,
-            sources=[str(folder / rel) for rel in _SOURCES[kind]],
-            extra_include_paths=[str(folder / "hashgrid")],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            extra_cuda_cflags=CUDA_FLAGS if kind == "cuda" else None,
-            build_directory=str(build_dir),
-            verbose=False,
-        )
-    except Exception as error:
-        log_path = build_dir / "build_error.log"
-        log_path.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
-        raise RuntimeError(f"building the {name} extension failed; log: {log_path}") from error
+    return _EXTENSIONS[kind].kernels_dir()
 
 
 def extension(kind: str = "cpu") -> ModuleType:
     """The compiled extension for 'cpu' or 'cuda' (built on first call); RuntimeError if unavailable."""
-    if kind in _modules:
-        return _modules[kind]
-    with _lock:
-        if kind not in _modules and kind not in _failures:
-            try:
-                _modules[kind] = _load(kind)
-            except Exception as error:  # remember: do not retry a broken build on every call
-                _failures[kind] = str(error)
-        if kind not in _modules:
-            raise RuntimeError(_failures[kind])
-        return _modules[kind]
+    return _EXTENSIONS[kind].module()
 
 
 def is_available(device: torch.device | str = "cpu") -> tuple[bool, str]:
-    kind = "cuda" if torch.device(device).type == "cuda" else "cpu"
-    try:
-        extension(kind)
-    except RuntimeError as error:
-        return False, str(error)
-    return True, ""
+    return _EXTENSIONS["cuda" if torch.device(device).type == "cuda" else "cpu"].is_available()
 
 
 _tables: dict[tuple[LevelLayout, str], tuple[Tensor, Tensor]] = {}

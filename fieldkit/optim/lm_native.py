@@ -37,15 +37,7 @@ folder keyed by a hash of the sources, torch and Python versions and flags.
 
 from __future__ import annotations
 
-import hashlib
-import os
-import platform
-import shutil
-import sys
-import threading
-import traceback
 from dataclasses import dataclass
-from pathlib import Path
 from types import ModuleType
 from typing import Sequence
 
@@ -53,6 +45,7 @@ import torch
 from torch import Tensor
 
 from fieldkit.cameras import Cameras
+from fieldkit.native_build import NativeExtension
 from fieldkit.metrics import ssim_map
 from fieldkit.optim.levenberg_marquardt import (
     SSIM_WINDOW,
@@ -76,80 +69,17 @@ BYTES_PER_ENTRY = 44  # int32 pixel + 5 float32 + int32 pixel->entry, + 12 for t
 BYTES_PER_PIXEL = 100
 BYTES_PER_PAIR = 600  # q, J_q blocks, Hessian blocks (transient)
 
-_lock = threading.Lock()
-_module: ModuleType | None = None
-_failure: str | None = None
-
-
-def kernels_dir() -> Path | None:
-    candidates = []
-    if os.environ.get("FIELDKIT_KERNELS_DIR"):
-        candidates.append(Path(os.environ["FIELDKIT_KERNELS_DIR"]))
-    package_root = Path(__file__).resolve().parents[1]  # .../fieldkit
-    candidates += [package_root / "kernels", package_root.parent / "kernels"]
-    for folder in candidates:
-        if all((folder / rel).is_file() for rel in _SOURCES + _HEADERS):
-            return folder
-    return None
-
-
-def _load() -> ModuleType:
-    if os.environ.get("FIELDKIT_NO_NATIVE", "") not in ("", "0"):
-        raise RuntimeError("disabled by FIELDKIT_NO_NATIVE")
-    folder = kernels_dir()
-    if folder is None:
-        raise RuntimeError("LM kernel sources not found (kernels/lm); set FIELDKIT_KERNELS_DIR")
-    compiler = shutil.which(os.environ.get("CXX", "c++"))
-    if compiler is None:
-        raise RuntimeError("no C++ compiler found")
-    digest = hashlib.sha256()
-    for rel in sorted(_SOURCES + _HEADERS):
-        digest.update(rel.encode() + (folder / rel).read_bytes())
-    digest.update("|".join([torch.__version__, sys.version, platform.machine(), compiler, *CFLAGS, *LDFLAGS]).encode())
-    from fieldkit.render.backends.cpu import cache_root
-
-    build_dir = cache_root() / "torch_extensions" / f"{EXTENSION_NAME}-{digest.hexdigest()[:16]}"
-    build_dir.mkdir(parents=True, exist_ok=True)
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(
-            name=EXTENSION_NAME,
-            sources=[str(folder / rel) for rel in _SOURCES],
-            extra_include_paths=[str(folder / "include")],
-            extra_cflags=CFLAGS,
-            extra_ldflags=LDFLAGS,
-            build_directory=str(build_dir),
-            verbose=False,
-        )
-    except Exception as error:  # compiler errors surface as RuntimeError/CalledProcessError
-        log_path = build_dir / "build_error.log"
-        log_path.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")
-        raise RuntimeError(f"building the {EXTENSION_NAME} extension failed; log: {log_path}") from error
+_EXTENSION = NativeExtension(EXTENSION_NAME, _SOURCES, _HEADERS, cflags=CFLAGS, ldflags=LDFLAGS,
+                             what="LM kernel sources (kernels/lm)")
 
 
 def extension() -> ModuleType:
     """The compiled extension (built on first call); raises RuntimeError with the reason if unavailable."""
-    global _module, _failure
-    if _module is not None:
-        return _module
-    with _lock:
-        if _module is None and _failure is None:
-            try:
-                _module = _load()
-            except Exception as error:  # remember: do not retry a broken build per call
-                _failure = str(error)
-        if _module is None:
-            raise RuntimeError(_failure)
-        return _module
+    return _EXTENSION.module()
 
 
 def is_available() -> tuple[bool, str]:
-    try:
-        extension()
-    except RuntimeError as error:
-        return False, str(error)
-    return True, ""
+    return _EXTENSION.is_available()
 
 
 # ---------------------------------------------------------------------------------------------
