@@ -20,6 +20,7 @@ from fieldkit.io_atomic import atomic_path
 from fieldkit.methods import default_method_for, describe_methods, load_method_classes
 from fieldkit.methods.gs import GSConfig
 from fieldkit.methods.gs_compact import CompactConfig
+from fieldkit.methods.gs_hier import HierConfig
 from fieldkit.methods.orex import OReXConfig
 from fieldkit.shapes.cli_slice import SliceCommand, run_slice
 from fieldkit.methods.nerf import NerfConfig
@@ -29,7 +30,7 @@ from fieldkit.regress import RegressCommand, run_regress
 from fieldkit.trainer import Trainer, TrainerConfig
 from fieldkit.viewer.command import ViewCommand, run_view
 
-MethodName = Literal["gs", "gs-compact", "nerf", "orex"]
+MethodName = Literal["gs", "gs-compact", "gs-hier", "nerf", "orex"]
 BackendName = Literal["auto", "torch", "cpu", "cuda", "gsplat"]
 
 
@@ -67,6 +68,7 @@ class TrainCommand:
     data: DataOptions = field(default_factory=DataOptions)
     gs: GSConfig = field(default_factory=GSConfig)
     gs_compact: CompactConfig = field(default_factory=CompactConfig)
+    gs_hier: HierConfig = field(default_factory=HierConfig)
     orex: OReXConfig = field(default_factory=OReXConfig)
     nerf: NerfConfig = field(default_factory=NerfConfig)
 
@@ -97,10 +99,10 @@ class RenderCommand:
 
 @dataclass
 class ExportCommand:
-    """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte); orex: mesh (.obj/.ply/.stl/.glb from the -o suffix)."""
+    """Export a trained model: ply (standard 3DGS layout) or splat (antimatter15 32-byte); lod (.fklod level-of-detail tree, any Gaussian run); orex: mesh (.obj/.ply/.stl/.glb from the -o suffix)."""
 
     run: tyro.conf.Positional[Path]
-    format: Literal["ply", "splat", "mesh", "compact"] = "ply"
+    format: Literal["ply", "splat", "mesh", "compact", "lod"] = "ply"
     output: Annotated[Optional[Path], tyro.conf.arg(aliases=("-o",))] = None
     """File to write (default: <run>/exports/model.<format>)."""
 
@@ -270,6 +272,11 @@ def run_export(cmd: ExportCommand) -> Path:
         from fieldkit.export.mesh import export_mesh  # TSDF fusion of rendered depth (e.g. Gaussian runs)
 
         path = export_mesh(method, out if cmd.output else out.with_suffix(".ply"), scene, tsdf=True)
+    elif cmd.format == "lod" and "lod" not in getattr(method, "export_formats", ()) and callable(getattr(method, "splats", None)):
+        from fieldkit.export.lod import write_lod  # any Gaussian run: build the tree over its splats
+        from fieldkit.models.hierarchy import hierarchy_from_splats
+
+        path = write_lod(out, hierarchy_from_splats(method.splats()), background=getattr(method, "background", None))
     else:
         path = method.export(cmd.format, out)
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

@@ -9,6 +9,7 @@ REGISTRY: dict[str, tuple[str, str, str, str]] = {
     "gs": ("fieldkit.methods.gs", "GSConfig", "GaussianSplatting", "3D Gaussian splatting (Kerbl et al. 2023), the default for posed images"),
     "nerf": ("fieldkit.methods.nerf", "NerfConfig", "NeRF", "hash-grid radiance field (Instant-NGP class), with CAM and S3IM options"),
     "gs-compact": ("fieldkit.methods.gs_compact", "CompactConfig", "CompactGaussians", "Compact-3DGS: volume mask, hash-grid colour field, residual VQ; exports the .fkc compressed format"),
+    "gs-hier": ("fieldkit.methods.gs_hier", "HierConfig", "HierarchicalGaussians", "3DGS plus a level-of-detail tree (hierarchical 3DGS, Kerbl et al. 2024): renders a per-view cut by projected size; exports the .fklod tree"),
     "orex": ("fieldkit.methods.orex", "OReXConfig", "OReX", "watertight shapes from planar cross-sections (.csl) with a neural occupancy field (Sawdayee et al. 2023)"),
 }
 
