@@ -20,6 +20,8 @@ forward+backward (loss = sum(rgb * w1) + sum(alpha * w2), fixed random weights):
     python benchmarks/rasterize.py                          # CPU table: torch reference vs native cpu
     python benchmarks/rasterize.py --device cuda            # GPU table: cuda vs gsplat (+ torch)
     python benchmarks/rasterize.py --scenes a,c --threads 2 --json out.json
+    python benchmarks/rasterize.py --scenes a --per-view     # (a) one view at a time: the torch reference's
+                                                             # autograd graph for 3 views needs ~20 GB
 """
 
 from __future__ import annotations
@@ -124,6 +126,16 @@ def run_worker(cfg: dict) -> dict:
 
     def once() -> tuple[float, float]:
         params = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, colors)]
+        if cfg.get("per_view"):  # one view at a time, backward after each (bounds the reference's memory)
+            fwd = total = 0.0
+            for i in range(C):
+                t0 = clock()
+                out = rasterize(*params, cameras[i], backend=backend)
+                t1 = clock()
+                ((out.rgb * w_rgb[i : i + 1]).sum() + (out.alpha * w_alpha[i : i + 1]).sum()).backward()
+                t2 = clock()
+                fwd, total = fwd + elapsed_ms(t0, t1), total + elapsed_ms(t0, t2)
+            return fwd, total
         t0 = clock()
         out = rasterize(*params, cameras, backend=backend)
         t1 = clock()
@@ -189,6 +201,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=120.0, help="time budget per row for the timed runs")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    parser.add_argument("--per-view", action="store_true",
+                        help="render a multi-view scene one view at a time, backward after each (every backend alike); "
+                             "bounds the torch reference's memory at (a) to one view's graph")
     parser.add_argument("--timeout", type=float, default=1800.0, help="seconds per row before it is abandoned")
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--json", type=Path, default=None)
@@ -215,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         for scene in args.scenes.split(","):
             for backend in backends:
                 cfg = {"device": device, "scene": scene, "backend": backend, "repeats": args.repeats, "warmup": args.warmup,
-                       "budget_s": args.budget_s, "threads": args.threads, "data": str(args.data)}
+                       "budget_s": args.budget_s, "threads": args.threads, "data": str(args.data), "per_view": args.per_view}
                 try:
                     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                           text=True, timeout=args.timeout, env=env)
