@@ -25,16 +25,9 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from torch import Tensor
 
 from fieldkit.native_build import NativeExtension
-from fieldkit.render.backends.native_ops import (
-    composite_tiles_native,
-    intersect_tiles_native,
-    project_gaussians_native,
-)
-from fieldkit.render.projection import Projection
-from fieldkit.render.tiles import TILE_SIZE, TileIntersections
+from fieldkit.render.backends.native_ops import native_stages
 
 # FIELDKIT_CUDA_FAST_MATH=1 builds a variant with FMA contraction and nvcc's fast math: faster,
 # but no longer bit-equal to the CPU build (parity with the torch reference still holds).
@@ -110,53 +103,5 @@ def backend():
     return Backend("cuda", project_gaussians_cuda, composite_tiles_cuda, intersect_tiles_cuda)
 
 
-# ---------------------------------------------------------------------------------------------
-# The three stages (autograd glue shared with the other native backend: native_ops.py)
-# ---------------------------------------------------------------------------------------------
-def project_gaussians_cuda(
-    means: Tensor,
-    quats: Tensor,
-    scales: Tensor,
-    world_to_cam: Tensor,
-    K: Tensor,
-    width: int,
-    height: int,
-    *,
-    eps2d: float = 0.3,
-    near_plane: float = 0.01,
-    far_plane: float = 1e10,
-) -> Projection:
-    """CUDA twin of :func:`fieldkit.render.projection.project_gaussians` (same signature).
-
-    Differentiable w.r.t. means, quats, scales and world_to_cam (not K). float32 or float64.
-    """
-    return project_gaussians_native(extension(), means, quats, scales, world_to_cam, K, width, height,
-                                    eps2d=eps2d, near_plane=near_plane, far_plane=far_plane)
-
-
-def intersect_tiles_cuda(
-    means2d: Tensor, radii: Tensor, depths: Tensor, width: int, height: int, tile_size: int = TILE_SIZE
-) -> TileIntersections:
-    """CUDA twin of :func:`fieldkit.render.tiles.intersect_tiles`: the same lists, element for element.
-
-    means2d [C,N,2], radii [C,N,2] int32 (0 = culled), depths [C,N].
-    """
-    return intersect_tiles_native(extension(), means2d, radii, depths, width, height, tile_size)
-
-
-def composite_tiles_cuda(
-    means2d: Tensor,
-    conics: Tensor,
-    opacities: Tensor,
-    features: Tensor,
-    isect: TileIntersections,
-    width: int,
-    height: int,
-    background: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """CUDA twin of :func:`fieldkit.render.composite.composite_tiles` (same signature).
-
-    means2d [C,N,2], conics [C,N,3], opacities [C,N], features [C,N,D] (any D), background [C,D].
-    Returns (image [C,H,W,D], alpha [C,H,W,1]); differentiable w.r.t. all five float inputs.
-    """
-    return composite_tiles_native(extension(), means2d, conics, opacities, features, isect, width, height, background)
+# The three stages (torch autograd glue shared with the other native backend: native_ops.py)
+project_gaussians_cuda, intersect_tiles_cuda, composite_tiles_cuda = native_stages(extension, "cuda")

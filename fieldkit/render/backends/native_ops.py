@@ -9,6 +9,7 @@ stages' signatures and gradients.
 from __future__ import annotations
 
 from types import ModuleType
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -121,3 +122,27 @@ def composite_tiles_native(ext: ModuleType, means2d: Tensor, conics: Tensor, opa
     ids = isect.gaussian_ids.to(device=features.device, dtype=torch.int64).contiguous()
     offsets = isect.tile_offsets.to(device=features.device, dtype=torch.int64).contiguous()
     return _CompositeTiles.apply(ext, *tensors, ids, offsets, geometry)
+
+
+def native_stages(extension: Callable[[], ModuleType], label: str) -> tuple[Callable, Callable, Callable]:
+    """(project, intersect, composite) with the torch reference stages' signatures, run through ``extension()``
+    (built on first call), named ``project_gaussians_<label>``, ``intersect_tiles_<label>``,
+    ``composite_tiles_<label>``."""
+
+    def project(*args, **kwargs) -> Projection:
+        return project_gaussians_native(extension(), *args, **kwargs)
+
+    def intersect(*args, **kwargs) -> TileIntersections:
+        return intersect_tiles_native(extension(), *args, **kwargs)
+
+    def composite(*args, **kwargs) -> tuple[Tensor, Tensor]:
+        return composite_tiles_native(extension(), *args, **kwargs)
+
+    for fn, stage, reference, native in (
+        (project, "project_gaussians", "fieldkit.render.projection.project_gaussians", project_gaussians_native),
+        (intersect, "intersect_tiles", "fieldkit.render.tiles.intersect_tiles", intersect_tiles_native),
+        (composite, "composite_tiles", "fieldkit.render.composite.composite_tiles", composite_tiles_native),
+    ):
+        fn.__name__ = fn.__qualname__ = f"{stage}_{label}"
+        fn.__doc__ = f"{label} twin of :func:`{reference}` (same signature and gradients).\n\n{native.__doc__}"
+    return project, intersect, composite
