@@ -86,8 +86,10 @@ class SamplingConfig:
     """Samples per vertex / per edge (each side) per level."""
     plane_uniform: int = 2048
     """Uniform points per plane in [-1, 1]^2 of the plane's PCA frame."""
-    hull_points: int = 16384
-    """Points on the padded convex hull, labelled outside."""
+    hull_points: int = 4096
+    """Points on the padded convex hull, labelled outside (the paper: 16384). Fewer here: the mesher clips the
+    field to this hull anyway, and 16384 per level (15 % of every batch) pressed the field down next to the
+    hull, thinning parts that bulge between the planes (balloondog IoU 0.929 -> 0.938 with 4096)."""
     hull_margin: float = 1.05
 
 
