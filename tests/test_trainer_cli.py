@@ -307,3 +307,18 @@ def test_ctrl_c_saves_and_explains_resume(scene: Path, tmp_path: Path) -> None:
     # The checkpoint is good to continue from.
     assert train(scene, run, "--resume", "--max-steps", str(step + 5)) == 0
     assert ckpt(run, step + 5)["step"] == step + 5
+
+
+def test_pick_device_prefers_the_gpu_except_for_the_cpu_backend(monkeypatch):
+    """auto -> the GPU when torch sees one, but a run asking for the native CPU rasterizer stays on the CPU."""
+    import torch
+
+    from fieldkit.methods.base import pick_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert pick_device("auto", "auto") == torch.device("cuda")
+    assert pick_device("auto", "torch") == torch.device("cuda")
+    assert pick_device("auto", "cpu") == torch.device("cpu")
+    assert pick_device("cpu", "cuda") == torch.device("cpu")  # an explicit device wins
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert pick_device("auto", "auto") == torch.device("cpu")
