@@ -24,3 +24,14 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture
 def shared_data() -> Path:
     return shared_path()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """torch.set_num_threads(1) for a whole module (small models: threads only add overhead on 2 cores)."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

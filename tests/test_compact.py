@@ -18,12 +18,7 @@ from fieldkit.models.compact import ResidualVQ, contract_to_unit, straight_throu
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread for this module
 
 
 def test_mask_ste_forward_hard_backward_sigmoid() -> None:

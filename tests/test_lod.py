@@ -22,12 +22,7 @@ from fieldkit.render.projection import covariance_3d
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread for this module
 
 
 def random_gaussians(n: int, seed: int = 0, sh_degree: int = 1):

@@ -33,12 +33,7 @@ COMMON = ["--backend", "torch", "--gs.init-random-points", "500", "--eval-every"
 DENSIFY_EARLY = ["--gs.no-scale-schedule-to-steps", "--gs.densify.start-step", "5", "--gs.densify.interval", "7"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # conftest: 1 thread for this module
 
 
 @pytest.fixture(scope="module")
