@@ -316,12 +316,17 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                 const M li = M{} + I(l);
                 const T* f = splats.feat.data() + l * D;
                 std::fill(lanes.begin(), lanes.end(), T(0));
-                for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
-                    const V dy = V{} + (splats.my[l] - (T(geo.y0) + (T(yy) + T(0.5))));
-                    for (int xx = x0, c = 0; xx <= x1; xx += W, ++c) {
+                // Column chunks outer, rows inner: each lane slot still sums its rows top to bottom (the
+                // same order, so the same bits), while the six fixed sums stay in registers.
+                const int64_t ks = chunks * W;
+                for (int xx = x0, c = 0; xx <= x1; xx += W, ++c) {
+                    const V xs = Ops::k(double(xx)) + lane;
+                    const V dx = mx - (gx0 + (xs + Ops::k(0.5)));
+                    T* ln = lanes.data() + c * W;  // lane sums of row k at ln + k * ks
+                    V s_mx = V{}, s_my = V{}, s_ca = V{}, s_cb = V{}, s_cc = V{}, s_op = V{};
+                    for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
+                        const V dy = V{} + (splats.my[l] - (T(geo.y0) + (T(yy) + T(0.5))));
                         const int64_t o = yy * RS + xx;
-                        const V xs = Ops::k(double(xx)) + lane;
-                        const V dx = mx - (gx0 + (xs + Ops::k(0.5)));
                         const V sigma = splat_sigma(dx, dy, ca, cb, cc);
                         V vis, alpha_raw, alpha;
                         splat_opacity(sigma, op, &vis, &alpha_raw, &alpha);
@@ -337,19 +342,23 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                         const V v_eff = (ok & alpha_unclamped(alpha_raw)) ? v_al : V{};
                         V dmx, dmy, dca, dcb, dcc;
                         splat_sigma_vjp(-v_eff * op * vis, dx, dy, ca, cb, cc, &dmx, &dmy, &dca, &dcb, &dcc);
-                        T* ln = lanes.data() + c * W;  // lane sums of row k at ln + k * chunks * W
-                        const int64_t ks = chunks * W;
-                        vadd(ln + 0 * ks, dmx);
-                        vadd(ln + 1 * ks, dmy);
-                        vadd(ln + 2 * ks, dca);
-                        vadd(ln + 3 * ks, dcb);
-                        vadd(ln + 4 * ks, dcc);
-                        vadd(ln + 5 * ks, v_eff * vis);
+                        s_mx += dmx;
+                        s_my += dmy;
+                        s_ca += dca;
+                        s_cb += dcb;
+                        s_cc += dcc;
+                        s_op += v_eff * vis;
                         for (int64_t d = 0; d < D; ++d)
                             vadd(ln + (6 + d) * ks, ok ? w * vload<V>(g.data() + d * PS + o) : V{});
                         vstore(g_behind.data() + o, ok ? gbh + w * g_f : gbh);
                         vstore(trans.data() + o, ok ? T_i : Tn);
                     }
+                    vstore(ln + 0 * ks, s_mx);
+                    vstore(ln + 1 * ks, s_my);
+                    vstore(ln + 2 * ks, s_ca);
+                    vstore(ln + 3 * ks, s_cb);
+                    vstore(ln + 4 * ks, s_cc);
+                    vstore(ln + 5 * ks, s_op);
                 }
                 T* r = tile_rows + l * K;
                 const int used_chunks = (x1 - x0) / W + 1;
