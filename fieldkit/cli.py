@@ -272,11 +272,6 @@ def run_export(cmd: ExportCommand) -> Path:
         from fieldkit.export.mesh import export_mesh  # TSDF fusion of rendered depth (e.g. Gaussian runs)
 
         path = export_mesh(method, out if cmd.output else out.with_suffix(".ply"), scene, tsdf=True)
-    elif cmd.format == "lod" and "lod" not in getattr(method, "export_formats", ()) and callable(getattr(method, "splats", None)):
-        from fieldkit.export.lod import write_lod  # any Gaussian run: build the tree over its splats
-        from fieldkit.models.hierarchy import hierarchy_from_splats
-
-        path = write_lod(out, hierarchy_from_splats(method.splats()), background=getattr(method, "background", None))
     else:
         path = method.export(cmd.format, out)
     print(f"Wrote {path} ({path.stat().st_size / 1e6:.2f} MB)")

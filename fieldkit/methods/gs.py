@@ -90,7 +90,7 @@ class GaussianSplatting(Method):
     """Train Gaussians on posed images with Adam, the 3DGS loss and adaptive density control."""
 
     name = "gs"
-    export_formats = ("ply", "splat")
+    export_formats = ("ply", "splat", "lod")
 
     def __init__(self, config: GSConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "auto"):
         self.config = config
@@ -234,14 +234,27 @@ class GaussianSplatting(Method):
         for key, value in state.get("densifier", {}).items():  # statistics gathered since the last refine
             setattr(self.densifier, key, value.to(self.device))
 
+    def hierarchy(self):
+        """A level-of-detail tree over the current Gaussians (``fieldkit.models.hierarchy``)."""
+        from fieldkit.models.hierarchy import hierarchy_from_splats
+
+        return hierarchy_from_splats(self.splats())
+
     def export(self, fmt: str, path: Path) -> Path:
         from fieldkit.export import write_ply, write_splat
 
+        if fmt == "lod":
+            from fieldkit.export.lod import write_lod
+
+            return write_lod(path, self.hierarchy(), background=self.background, **self._lod_options())
         writers = {"ply": write_ply, "splat": write_splat}
         if fmt not in writers:
-            raise ValueError(f"method gs exports {', '.join(writers)}, not {fmt!r}")
+            raise ValueError(f"method {self.name} exports {', '.join(self.export_formats)}, not {fmt!r}")
         writers[fmt](path, self.splats())
         return Path(path)
+
+    def _lod_options(self) -> dict[str, Any]:
+        return {}
 
 
 def config_to_dict(config: GSConfig) -> dict[str, Any]:

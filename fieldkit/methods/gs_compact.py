@@ -11,7 +11,6 @@ Differences from ``gs`` (see docs/compact.md):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from fieldkit.cameras import Cameras
 from fieldkit.data.scene import Scene
 from fieldkit.fields.hashgrid import HashGridConfig
 from fieldkit.losses import gaussian_splat_loss
-from fieldkit.methods.base import Method, pick_device
+from fieldkit.methods.base import pick_device
 from fieldkit.methods.gs import GaussianSplatting, GSConfig, initial_splats
 from fieldkit.models.compact import ColorField, ResidualVQ, straight_through_mask, MASK_EPS
 from fieldkit.models.gaussians import Splats
@@ -75,7 +74,7 @@ class CompactGaussians(GaussianSplatting):
     """3DGS with a volume mask, a hash-grid colour field and residual VQ of the geometry."""
 
     name = "gs-compact"
-    export_formats = ("ply", "splat", "compact")
+    export_formats = ("ply", "splat", "compact", "lod")
 
     def __init__(self, config: CompactConfig, scene: Scene, *, max_steps: int, backend: str = "auto", seed: int = 0, device: str | torch.device = "auto"):
         self.config = config
@@ -242,21 +241,14 @@ class CompactGaussians(GaussianSplatting):
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "params": {k: v.detach().cpu() for k, v in self.params.items()},
-            "optimizer": self.optimizer.state_dict(),
+            **super().state_dict(),
             "field": {k: v.detach().cpu() for k, v in self.field.state_dict().items()},
             "field_optimizer": self.field_optimizer.state_dict(),
             "rvq": {"scale": self.rvq_scale.state_dict(), "rot": self.rvq_rot.state_dict(), "active": self.rvq_active},
-            "generator": self.generator.get_state(),
-            "order": list(self._order),
-            "densifier": {k: getattr(self.densifier, k).detach().cpu() for k in ("grad_sum", "visible_count", "max_radius")},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in state["params"].items()}
-        self.optimizer = self._make_optimizer()
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+        super().load_state_dict(state)  # params, optimizer, generator, order, densifier statistics
         self.field.load_state_dict(state["field"])
         if "field_optimizer" in state:
             self.field_optimizer.load_state_dict(state["field_optimizer"])
@@ -266,23 +258,11 @@ class CompactGaussians(GaussianSplatting):
             self.rvq_rot.load_state_dict(rvq["rot"])
             self.rvq_active = bool(rvq["active"])
             self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=self.config.rvq_lr)
-        if "generator" in state:
-            self.generator.set_state(state["generator"])
-        self._order = list(state.get("order", []))
-        self.densifier._reset_stats(self.params["means"].shape[0], self.device)
-        for key, value in state.get("densifier", {}).items():
-            setattr(self.densifier, key, value.to(self.device))
 
     def export(self, fmt: str, path: Path) -> Path:
-        from fieldkit.export import write_ply, write_splat
-
         if fmt == "compact":
             from fieldkit.export.compact import write_compact
 
             write_compact(path, self)
             return Path(path)
-        writers = {"ply": write_ply, "splat": write_splat}
-        if fmt not in writers:
-            raise ValueError(f"method gs-compact exports ply, splat, compact, not {fmt!r}")
-        writers[fmt](path, self.splats())
-        return Path(path)
+        return super().export(fmt, path)  # ply, splat, lod of the decoded Gaussians

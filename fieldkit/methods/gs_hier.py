@@ -54,11 +54,9 @@ class HierarchicalGaussians(GaussianSplatting):
         self.hierarchy()
 
     def hierarchy(self):
-        """The LOD tree of the current Gaussians (built on first use)."""
+        """The LOD tree of the current Gaussians (built on first use, kept until they change)."""
         if self._hierarchy is None:
-            from fieldkit.models.hierarchy import hierarchy_from_splats
-
-            self._hierarchy = hierarchy_from_splats(self.splats()).to(self.device)
+            self._hierarchy = super().hierarchy().to(self.device)
         return self._hierarchy
 
     @torch.no_grad()
@@ -77,9 +75,5 @@ class HierarchicalGaussians(GaussianSplatting):
             stats["lod_gaussians"] = float(self.last_cut_counts[-1])
         return stats
 
-    def export(self, fmt: str, path: Path) -> Path:
-        if fmt == "lod":
-            from fieldkit.export.lod import write_lod
-
-            return write_lod(path, self.hierarchy(), background=self.background, tau=self.config.lod_tau)
-        return super().export(fmt, path)
+    def _lod_options(self) -> dict:
+        return {"tau": self.config.lod_tau}

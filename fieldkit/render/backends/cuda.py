@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from types import ModuleType
 
 import torch
 
@@ -75,25 +74,17 @@ _EXTENSION = NativeExtension(EXTENSION_NAME, _SOURCES, _HEADERS, cflags=CFLAGS, 
                              requirements=_requirements, key_parts=_key_parts)
 
 
+# Module API: kernels_dir(), extension() (built on first call; RuntimeError with the reason if it
+# cannot be), is_available() -> (ok, reason), and build_seconds (wall time of the build/load here).
+kernels_dir = _EXTENSION.kernels_dir
+extension = _EXTENSION.module
+is_available = _EXTENSION.is_available
+
+
 def __getattr__(name: str):
-    if name == "build_seconds":  # wall time of the build/load in this process
+    if name == "build_seconds":
         return _EXTENSION.build_seconds
     raise AttributeError(name)
-
-
-def kernels_dir() -> Path | None:
-    """Folder holding the CUDA kernel sources, or None."""
-    return _EXTENSION.kernels_dir()
-
-
-def extension() -> ModuleType:
-    """The compiled extension module (built on first call); raises RuntimeError if unavailable."""
-    return _EXTENSION.module()
-
-
-def is_available() -> tuple[bool, str]:
-    """(True, '') when a CUDA device is present and the extension builds/loads, else (False, reason)."""
-    return _EXTENSION.is_available()
 
 
 def backend():
