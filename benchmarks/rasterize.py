@@ -9,7 +9,9 @@ Scenes (gsplat's garden test fixture ``garden/test_garden.npz``: real SfM points
 Gaussian parameters follow gsplat's tests: scales ~ U[1e-4, 0.02], quats = normalize(randn),
 opacities ~ U[0, 1], colours = the points' RGB. Per (device, scene, backend) a fresh subprocess
 loads the scene and runs warm-ups, then times forward (``rasterize`` -> image, alpha) and
-forward+backward (loss = sum(rgb * w1) + sum(alpha * w2), fixed random weights):
+forward+backward (loss = sum(rgb * w1) + sum(alpha * w2), fixed random weights), each backend at its
+own default tile size (``rasterize``'s default: 16 px, 32 for the native CPU build; ``--tile-size``
+sets one for all):
 
 * timing: CUDA events on a GPU, ``perf_counter`` on the CPU; median of ``--repeats`` (default 20)
   after ``--warmup`` (default 3). A backend whose warm-up shows that 20 runs would exceed
@@ -100,12 +102,13 @@ def run_worker(cfg: dict) -> dict:
     try:
         if device == "cuda" and not torch.cuda.is_available():
             raise RuntimeError("no CUDA device")
-        get_backend(backend, device)
+        impl = get_backend(backend, device)
     except Exception as error:  # noqa: BLE001 - any reason a backend is unusable here
         return {**row, "status": "skipped", "note": f"{type(error).__name__}: {error}"[:160]}
     means, quats, scales, opacities, colors, cameras = build_scene(Path(cfg["data"]), cfg["scene"], device)
     C, H, W = len(cameras), cameras.height, cameras.width
-    row.update(n=len(means), cameras=C, width=W, height=H)
+    tile = cfg.get("tile_size") or impl.tile_size  # 0/None: the backend's own default
+    row.update(n=len(means), cameras=C, width=W, height=H, tile=tile)
     g = torch.Generator().manual_seed(1)
     w_rgb = torch.randn(C, H, W, 3, generator=g).to(device)
     w_alpha = torch.randn(C, H, W, 1, generator=g).to(device)
@@ -130,14 +133,14 @@ def run_worker(cfg: dict) -> dict:
             fwd = total = 0.0
             for i in range(C):
                 t0 = clock()
-                out = rasterize(*params, cameras[i], backend=backend)
+                out = rasterize(*params, cameras[i], backend=backend, tile_size=tile)
                 t1 = clock()
                 ((out.rgb * w_rgb[i : i + 1]).sum() + (out.alpha * w_alpha[i : i + 1]).sum()).backward()
                 t2 = clock()
                 fwd, total = fwd + elapsed_ms(t0, t1), total + elapsed_ms(t0, t2)
             return fwd, total
         t0 = clock()
-        out = rasterize(*params, cameras, backend=backend)
+        out = rasterize(*params, cameras, backend=backend, tile_size=tile)
         t1 = clock()
         ((out.rgb * w_rgb).sum() + (out.alpha * w_alpha).sum()).backward()
         t2 = clock()
@@ -179,17 +182,17 @@ def machine_info(device: str) -> dict:
 
 def print_table(device: str, info: dict, rows: list[dict], reference: str) -> None:
     print(f"\n## {device}: {info['device']} (torch {info['torch']}, load {info['load_average_at_start']})")
-    print(f"| scene | backend | N | views x res | fwd ms | fwd+bwd ms | peak MiB | runs | fwd+bwd vs {reference} |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|")
+    print(f"| scene | backend | N | views x res | tile | fwd ms | fwd+bwd ms | peak MiB | runs | fwd+bwd vs {reference} |")
+    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         scene = f"({row['scene']}) {SCENES[row['scene']]['name']}"
         if row.get("status") != "ok":
-            print(f"| {scene} | {row['backend']} | | | | | | | {row.get('status')}: {row.get('note', '')} |")
+            print(f"| {scene} | {row['backend']} | | | | | | | | {row.get('status')}: {row.get('note', '')} |")
             continue
         ref = next((r for r in rows if r["scene"] == row["scene"] and r["backend"] == reference and r.get("status") == "ok"), None)
         ratio = f"{row['fwd_bwd_ms'] / ref['fwd_bwd_ms']:.3f} ({ref['fwd_bwd_ms'] / row['fwd_bwd_ms']:.1f}x faster)" if ref else "-"
         print(f"| {scene} | {row['backend']} | {row['n']:,} | {row['cameras']} x {row['width']}x{row['height']} "
-              f"| {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | {row['peak_mib']:.0f} | {row['repeats']} | {ratio} |", flush=True)
+              f"| {row['tile']} | {row['fwd_ms']:.2f} | {row['fwd_bwd_ms']:.2f} | {row['peak_mib']:.0f} | {row['repeats']} | {ratio} |", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -201,6 +204,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--budget-s", type=float, default=120.0, help="time budget per row for the timed runs")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
+    parser.add_argument("--tile-size", type=int, default=0,
+                        help="tile edge for every backend (0: each backend's default: 16, the native CPU build 32)")
     parser.add_argument("--per-view", action="store_true",
                         help="render a multi-view scene one view at a time, backward after each (every backend alike); "
                              "bounds the torch reference's memory at (a) to one view's graph")
@@ -230,7 +235,8 @@ def main(argv: list[str] | None = None) -> None:
         for scene in args.scenes.split(","):
             for backend in backends:
                 cfg = {"device": device, "scene": scene, "backend": backend, "repeats": args.repeats, "warmup": args.warmup,
-                       "budget_s": args.budget_s, "threads": args.threads, "data": str(args.data), "per_view": args.per_view}
+                       "budget_s": args.budget_s, "threads": args.threads, "data": str(args.data), "per_view": args.per_view,
+                       "tile_size": args.tile_size}
                 try:
                     proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(cfg)], capture_output=True,
                                           text=True, timeout=args.timeout, env=env)

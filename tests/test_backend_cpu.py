@@ -260,7 +260,7 @@ def test_composite_any_channel_count(D):
     _check_composite((means2d, conics, opacities, features, background), isect, width, height, dtype, D)
 
 
-@pytest.mark.parametrize("tile_size", [8, 32])
+@pytest.mark.parametrize("tile_size", [8, 32, 80])  # 80: wider than the kernels' 64-bit row masks
 def test_composite_other_tile_sizes(tile_size):
     dtype, width, height, C, D = torch.float32, 45, 37, 2, 4
     means2d, conics, opacities, features, background, radii, depths = screen_space_scene(90, 21, dtype, C, width, height, D)
@@ -306,7 +306,7 @@ def test_composite_deterministic_across_thread_counts():
 # Tile binning: the native lists must equal the torch ones exactly
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
-@pytest.mark.parametrize("tile_size", [16, 8])
+@pytest.mark.parametrize("tile_size", [16, 8, 32])
 def test_intersect_tiles_identical(dtype, tile_size):
     width, height = 53, 37
     cams = make_cameras(3, width, height, dtype)
@@ -317,14 +317,23 @@ def test_intersect_tiles_identical(dtype, tile_size):
     m2d, _, _, _, _, radii, depths = screen_space_scene(300, 4, dtype, 2, width, height, 1)
     depths = torch.round(depths * 2) / 2
     cases.append((m2d, radii, depths))
+    nan_depths = depths.clone()
+    nan_depths[:, ::7] = float("nan")  # NaN depths sort last, ties by id, as torch.sort(stable=True)
+    cases.append((m2d, radii, nan_depths))
     cases.append((m2d, torch.zeros_like(radii), depths))  # all culled: no intersections
-    for means2d, radii, depths in cases:
-        ref = intersect_tiles(means2d, radii, depths, width, height, tile_size)
-        nat = cpu.intersect_tiles_cpu(means2d, radii, depths, width, height, tile_size)
-        assert (nat.tiles_x, nat.tiles_y, nat.tile_size) == (ref.tiles_x, ref.tiles_y, ref.tile_size)
-        assert nat.gaussian_ids.dtype == torch.int64 and nat.tile_offsets.dtype == torch.int64
-        assert torch.equal(nat.tile_offsets, ref.tile_offsets)
-        assert torch.equal(nat.gaussian_ids, ref.gaussian_ids)
+    previous = torch.get_num_threads()
+    try:
+        for means2d, radii, depths in cases:
+            ref = intersect_tiles(means2d, radii, depths, width, height, tile_size)
+            for threads in (1, 2, 3):  # the fill is cut into one chunk per thread
+                torch.set_num_threads(threads)
+                nat = cpu.intersect_tiles_cpu(means2d, radii, depths, width, height, tile_size)
+                assert (nat.tiles_x, nat.tiles_y, nat.tile_size) == (ref.tiles_x, ref.tiles_y, ref.tile_size)
+                assert nat.gaussian_ids.dtype == torch.int64 and nat.tile_offsets.dtype == torch.int64
+                assert torch.equal(nat.tile_offsets, ref.tile_offsets)
+                assert torch.equal(nat.gaussian_ids, ref.gaussian_ids)
+    finally:
+        torch.set_num_threads(previous)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,9 +353,10 @@ def test_rasterize_end_to_end_float64(seed):
     background = torch.tensor([0.1, 0.2, 0.3], dtype=dtype)
     weights = None
     results = {}
+    assert cpu.backend().tile_size == 32  # rasterize's default with this backend
     for backend in ("torch", "cpu"):
         leaves = [t.clone().requires_grad_(True) for t in (means, quats, scales, opacities, sh)]
-        out = rasterize(*leaves, cams, sh_degree=2, background=background, backend=backend)
+        out = rasterize(*leaves, cams, sh_degree=2, background=background, backend=backend, tile_size=32 if backend == "torch" else None)
         if weights is None:
             weights = [torch.randn(t.shape, generator=g, dtype=dtype) for t in (out.rgb, out.alpha, out.depth)]
         loss = sum((t * w).sum() for t, w in zip((out.rgb, out.alpha, out.depth), weights))

@@ -17,7 +17,6 @@ from torch import Tensor
 from fieldkit.cameras import Cameras
 from fieldkit.render.backends import get_backend
 from fieldkit.render.sh import MAX_SH_DEGREE, sh_to_rgb
-from fieldkit.render.tiles import TILE_SIZE
 
 
 @dataclass
@@ -46,13 +45,14 @@ def rasterize(
     eps2d: float = 0.3,
     near_plane: float = 0.01,
     far_plane: float = 1e10,
-    tile_size: int = TILE_SIZE,
+    tile_size: int | None = None,
 ) -> RenderOutput:
     """Render N Gaussians into every camera of ``cameras``.
 
     means [N,3], quats [N,4] (w,x,y,z, need not be unit), scales [N,3] (linear), opacities [N]
     in [0,1], colors [N,3] RGB or [N,K,3] SH coefficients (then ``sh_degree`` picks how many
-    bands are used; default all). background: [3] or [C,3], default black.
+    bands are used; default all). background: [3] or [C,3], default black. ``tile_size``: the
+    backend's own (16 px; 32 for the native CPU build) unless given.
     """
     C, N = len(cameras), means.shape[0]
     _check_inputs(means, quats, scales, opacities, colors)
@@ -73,7 +73,7 @@ def rasterize(
     background = background.to(means).expand(C, 3)
     background = torch.cat([background, torch.zeros_like(background[:, :1])], dim=-1)
 
-    isect = impl.intersect(means2d, proj.radii, proj.depths, W, H, tile_size)
+    isect = impl.intersect(means2d, proj.radii, proj.depths, W, H, impl.tile_size if tile_size is None else tile_size)
     image, alpha = impl.composite(means2d, proj.conics, opacities.expand(C, N), features, isect, W, H, background)
     depth = image[..., 3:] / alpha.clamp_min(1e-10)
     depth = torch.where(alpha > 0, depth, torch.zeros_like(depth))

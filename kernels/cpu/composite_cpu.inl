@@ -6,7 +6,7 @@
 // arithmetic in the same order, and per-splat sums run over pixel columns in the same order
 // whatever the lane count.
 //
-// Expects: FK_SIMD_BYTES defined (16 or 32), <algorithm>/<cstring>/<vector> and
+// Expects: FK_SIMD_BYTES defined (16 or 32), <algorithm>/<cstring>/<functional>/<vector> and
 // fieldkit/composite.h included, and to be included inside namespace fieldkit::cpu.
 // Defines CompositeKernels<T>::forward / ::backward (internal linkage).
 
@@ -91,6 +91,23 @@ struct LaneOps<cpu::vdouble> {
 namespace cpu {
 namespace {
 
+// Image-space pixel box of every (camera, Gaussian): [x0, x1, y0, y1] inclusive, x0 > x1 when the
+// splat is never blended. Computed once per splat instead of once per tile it touches.
+template <typename T>
+std::vector<int> splat_boxes(int64_t G, const T* means2d, const T* conics, const T* opacities, int nt) {
+    std::vector<int> boxes(size_t(4 * G));
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t g = 0; g < G; ++g) {
+        int* b = boxes.data() + 4 * g;
+        if (!splat_pixel_box<double>(means2d[2 * g], means2d[2 * g + 1], conics[3 * g], conics[3 * g + 1],
+                                     conics[3 * g + 2], opacities[g], &b[0], &b[1], &b[2], &b[3])) {
+            b[0] = b[2] = 0;
+            b[1] = b[3] = -1;
+        }
+    }
+    return boxes;
+}
+
 // One tile's Gaussians gathered into contiguous arrays (structure of arrays), with the pixel box
 // of each (tile-local, inclusive; empty when x0 > x1).
 template <typename T>
@@ -98,7 +115,8 @@ struct TileSplats {
     std::vector<T> mx, my, ca, cb, cc, op, feat;
     std::vector<int> bx0, bx1, by0, by1;
     void gather(const int64_t* ids, int64_t count, int64_t D, const T* means2d, const T* conics, const T* opacities,
-                const T* features, int64_t tile_x0, int64_t tile_y0, int64_t tile_w, int64_t tile_h) {
+                const T* features, const int* boxes, int64_t tile_x0, int64_t tile_y0, int64_t tile_w,
+                int64_t tile_h) {
         for (auto* v : {&mx, &my, &ca, &cb, &cc, &op}) v->resize(count);
         for (auto* v : {&bx0, &bx1, &by0, &by1}) v->resize(count);
         feat.resize(count * D);
@@ -111,12 +129,12 @@ struct TileSplats {
             cc[l] = conics[3 * g + 2];
             op[l] = opacities[g];
             std::memcpy(feat.data() + l * D, features + g * D, sizeof(T) * D);
-            int x0, x1, y0, y1;
-            if (splat_pixel_box<double>(mx[l], my[l], ca[l], cb[l], cc[l], op[l], &x0, &x1, &y0, &y1)) {
-                bx0[l] = int(std::max<int64_t>(int64_t(x0) - tile_x0, 0));
-                bx1[l] = int(std::min<int64_t>(int64_t(x1) - tile_x0, tile_w - 1));
-                by0[l] = int(std::max<int64_t>(int64_t(y0) - tile_y0, 0));
-                by1[l] = int(std::min<int64_t>(int64_t(y1) - tile_y0, tile_h - 1));
+            const int* b = boxes + 4 * g;
+            if (b[0] <= b[1]) {
+                bx0[l] = int(std::max<int64_t>(int64_t(b[0]) - tile_x0, 0));
+                bx1[l] = int(std::min<int64_t>(int64_t(b[1]) - tile_x0, tile_w - 1));
+                by0[l] = int(std::max<int64_t>(int64_t(b[2]) - tile_y0, 0));
+                by1[l] = int(std::min<int64_t>(int64_t(b[3]) - tile_y0, tile_h - 1));
             } else {
                 bx0[l] = by0[l] = 0;
                 bx1[l] = by1[l] = -1;
@@ -124,6 +142,15 @@ struct TileSplats {
         }
     }
 };
+
+// Per-row pixel sets of a tile as bit masks (bit x = tile column x). Tiles wider than 64 columns
+// get no masks: row_bits() then returns 0, so no row is ever skipped.
+using RowMask = uint64_t;
+constexpr int kMaxMaskedTile = 64;
+inline RowMask row_bits(int x0, int x1, int tile_size) {  // columns x0..x1 (inclusive, 0 <= x0 <= x1 < tile_size)
+    if (tile_size > kMaxMaskedTile) return 0;
+    return (~RowMask(0) >> (63 - (x1 - x0))) << x0;
+}
 
 struct TileGeometry {
     int64_t camera, x0, y0, w, h;  // pixel rectangle [x0, x0+w) x [y0, y0+h), clipped to the image
@@ -161,11 +188,13 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
     const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
     const int64_t RS = tile_size + W;          // padded row stride
     const int64_t PS = int64_t(tile_size) * RS;  // padded plane size
+    const std::vector<int> boxes = splat_boxes(C * N, means2d, conics, opacities, nt);
 #pragma omp parallel num_threads(nt)
     {
         TileSplats<T> splats;
         std::vector<T> trans(PS), acc(PS * D);
         std::vector<I> last(PS), done(PS);
+        std::vector<RowMask> row_done(tile_size);  // bit x of row y: pixel (x, y) has finished
         const V lane = iota<V>();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < num_tiles; ++tile) {
@@ -173,12 +202,13 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
             const int64_t P = geo.w * geo.h;
             if (P == 0) continue;
             const int64_t start = tile_offsets[tile], count = tile_offsets[tile + 1] - start;
-            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features, geo.x0, geo.y0, geo.w,
-                          geo.h);
+            splats.gather(gaussian_ids + start, count, D, means2d, conics, opacities, features, boxes.data(), geo.x0,
+                          geo.y0, geo.w, geo.h);
             std::fill(trans.begin(), trans.end(), T(1));
             std::fill(acc.begin(), acc.end(), T(0));
             std::fill(last.begin(), last.end(), I(-1));
             std::fill(done.begin(), done.end(), I(0));
+            std::fill(row_done.begin(), row_done.end(), RowMask(0));
             const V gx0 = Ops::k(double(geo.x0));
             int64_t n_done = 0;
             for (int64_t l = 0; l < count && n_done < P; ++l) {
@@ -190,7 +220,9 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
                 const M li = M{} + I(l);
                 const T* f = splats.feat.data() + l * D;
                 M stops = M{};
+                const RowMask box = row_bits(x0, x1, tile_size);
                 for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
+                    if (box && (row_done[yy] & box) == box) continue;  // every pixel of this box row has finished
                     const V dy = V{} + (splats.my[l] - (T(geo.y0) + (T(yy) + T(0.5))));
                     for (int xx = x0; xx <= x1; xx += W) {
                         const int64_t o = yy * RS + xx;
@@ -216,6 +248,9 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
                         vstore(last.data() + o, blend ? li : vload<M>(last.data() + o));
                         vstore(done.data() + o, dn | stop);
                         stops -= stop;  // stop lanes are -1
+                        if (tile_size <= kMaxMaskedTile)
+                            for (int i = 0; i < W; ++i)
+                                if (stop[i]) row_done[yy] |= RowMask(1) << (xx + i);
                     }
                 }
                 for (int i = 0; i < W; ++i) n_done += stops[i];
@@ -260,6 +295,7 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
     const int64_t PS = int64_t(tile_size) * RS;
     const int64_t chunks = (tile_size + W - 1) / W;
     std::vector<T> rows(size_t(M_isect * K));
+    const std::vector<int> boxes = splat_boxes(C * N, means2d, conics, opacities, nt);
 
 #pragma omp parallel num_threads(nt)
     {
@@ -267,6 +303,8 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
         std::vector<T> trans(PS), t_final(PS), g(PS * D), g_bg(PS), g_behind(PS), va(PS);
         std::vector<I> last(PS);
         std::vector<T> lanes(K * chunks * W);  // plain T storage: see vload/vstore
+        std::vector<RowMask> active(tile_size);  // bit x of row y: pixel (x, y) has last index >= l
+        std::vector<int64_t> by_last;             // the tile's pixels, last index descending
         const V lane = iota<V>();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < num_tiles; ++tile) {
@@ -304,10 +342,24 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                 }
             }
             if (max_last < 0) continue;
-            splats.gather(gaussian_ids + start, max_last + 1, D, means2d, conics, opacities, features, geo.x0, geo.y0,
-                          geo.w, geo.h);
+            // Pixels join the walk at their own last index: list them by it, largest first, so that the
+            // splat loop below can switch their bits on as l comes down to it.
+            const bool masked = tile_size <= kMaxMaskedTile;
+            std::fill(active.begin(), active.end(), RowMask(0));
+            by_last.clear();
+            if (masked) {
+                for (int64_t yy = 0; yy < geo.h; ++yy)
+                    for (int64_t xx = 0; xx < geo.w; ++xx)
+                        if (last[yy * RS + xx] >= 0) by_last.push_back(int64_t(last[yy * RS + xx]) * 4096 + yy * 64 + xx);
+                std::sort(by_last.begin(), by_last.end(), std::greater<int64_t>());
+            }
+            size_t joined = 0;
+            splats.gather(gaussian_ids + start, max_last + 1, D, means2d, conics, opacities, features, boxes.data(),
+                          geo.x0, geo.y0, geo.w, geo.h);
             const V gx0 = Ops::k(double(geo.x0));
             for (int64_t l = max_last; l >= 0; --l) {
+                for (; joined < by_last.size() && by_last[joined] >= l * 4096; ++joined)
+                    active[(by_last[joined] >> 6) & 63] |= RowMask(1) << (by_last[joined] & 63);
                 const int x0 = splats.bx0[l], x1 = splats.bx1[l];
                 if (x0 > x1 || splats.by0[l] > splats.by1[l]) continue;
                 const V mx = V{} + splats.mx[l], ca = V{} + splats.ca[l], cb = V{} + splats.cb[l];
@@ -324,7 +376,10 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                     const V dx = mx - (gx0 + (xs + Ops::k(0.5)));
                     T* ln = lanes.data() + c * W;  // lane sums of row k at ln + k * ks
                     V s_mx = V{}, s_my = V{}, s_ca = V{}, s_cb = V{}, s_cc = V{}, s_op = V{};
+                    const RowMask chunk = masked ? row_bits(xx, std::min(xx + W - 1, x1), tile_size) : 0;
                     for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
+                        // No pixel of this chunk row has joined yet: it would add only zeros.
+                        if (masked && (active[yy] & chunk) == 0) continue;
                         const V dy = V{} + (splats.my[l] - (T(geo.y0) + (T(yy) + T(0.5))));
                         const int64_t o = yy * RS + xx;
                         const V sigma = splat_sigma(dx, dy, ca, cb, cc);

