@@ -294,6 +294,10 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
     const int64_t RS = tile_size + W;
     const int64_t PS = int64_t(tile_size) * RS;
     const int64_t chunks = (tile_size + W - 1) / W;
+    // Up to 4 channels (RGB + depth) the per-splat feature sums live in registers like the six
+    // geometry sums; more channels accumulate in the lanes buffer.
+    constexpr int kRegisterChannels = 4;
+    const bool features_in_registers = D <= kRegisterChannels;
     std::vector<T> rows(size_t(M_isect * K));
     const std::vector<int> boxes = splat_boxes(C * N, means2d, conics, opacities, nt);
 
@@ -367,7 +371,7 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                 const V vx1 = Ops::k(double(x1));
                 const M li = M{} + I(l);
                 const T* f = splats.feat.data() + l * D;
-                std::fill(lanes.begin(), lanes.end(), T(0));
+                if (!features_in_registers) std::fill(lanes.begin(), lanes.end(), T(0));
                 // Column chunks outer, rows inner: each lane slot still sums its rows top to bottom (the
                 // same order, so the same bits), while the six fixed sums stay in registers.
                 const int64_t ks = chunks * W;
@@ -376,6 +380,7 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                     const V dx = mx - (gx0 + (xs + Ops::k(0.5)));
                     T* ln = lanes.data() + c * W;  // lane sums of row k at ln + k * ks
                     V s_mx = V{}, s_my = V{}, s_ca = V{}, s_cb = V{}, s_cc = V{}, s_op = V{};
+                    V s_f[kRegisterChannels] = {};
                     const RowMask chunk = masked ? row_bits(xx, std::min(xx + W - 1, x1), tile_size) : 0;
                     for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
                         // No pixel of this chunk row has joined yet: it would add only zeros.
@@ -403,8 +408,13 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                         s_cb += dcb;
                         s_cc += dcc;
                         s_op += v_eff * vis;
-                        for (int64_t d = 0; d < D; ++d)
-                            vadd(ln + (6 + d) * ks, ok ? w * vload<V>(g.data() + d * PS + o) : V{});
+                        if (features_in_registers) {
+                            for (int d = 0; d < kRegisterChannels; ++d)
+                                if (d < D) s_f[d] += ok ? w * vload<V>(g.data() + d * PS + o) : V{};
+                        } else {
+                            for (int64_t d = 0; d < D; ++d)
+                                vadd(ln + (6 + d) * ks, ok ? w * vload<V>(g.data() + d * PS + o) : V{});
+                        }
                         vstore(g_behind.data() + o, ok ? gbh + w * g_f : gbh);
                         vstore(trans.data() + o, ok ? T_i : Tn);
                     }
@@ -414,6 +424,9 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                     vstore(ln + 3 * ks, s_cb);
                     vstore(ln + 4 * ks, s_cc);
                     vstore(ln + 5 * ks, s_op);
+                    if (features_in_registers)
+                        for (int d = 0; d < kRegisterChannels; ++d)
+                            if (d < D) vstore(ln + (6 + d) * ks, s_f[d]);
                 }
                 T* r = tile_rows + l * K;
                 const int used_chunks = (x1 - x0) / W + 1;
