@@ -181,7 +181,7 @@ std::vector<Tensor> intersect_tiles(Tensor means2d, Tensor radii, Tensor depths,
     AT_DISPATCH_FLOATING_TYPES(dtype, "intersect_tiles", [&] {
         fieldkit::cpu::intersect_offsets<scalar_t>(C, N, means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(),
                                                    int(tiles_x), int(tiles_y), int(tile_size),
-                                                   offsets.data_ptr<int64_t>());
+                                                   offsets.data_ptr<int64_t>(), at::get_num_threads());
         ids = at::empty({offsets.data_ptr<int64_t>()[offsets.numel() - 1]}, offsets.options());
         fieldkit::cpu::intersect_fill<scalar_t>(C, N, means2d.data_ptr<scalar_t>(), radii.data_ptr<int32_t>(),
                                                 depths.data_ptr<scalar_t>(), int(tiles_x), int(tiles_y),

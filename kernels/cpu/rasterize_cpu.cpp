@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <utility>
 #include <vector>
 
 #ifdef _OPENMP
@@ -151,78 +152,112 @@ inline void tile_rect(const T* mean2d, const int32_t* radius, int tiles_x, int t
 
 }  // namespace
 
+// Tile counts of the Gaussians [begin, end) of the flat (camera, Gaussian) range, added to count
+// (indexed by flat tile).
 template <typename T>
-void intersect_offsets(int64_t C, int64_t N, const T* means2d, const int32_t* radii, int tiles_x, int tiles_y,
-                       int tile_size, int64_t* tile_offsets) {
+void count_tiles(int64_t begin, int64_t end, int64_t N, const T* means2d, const int32_t* radii, int tiles_x,
+                 int tiles_y, int tile_size, int64_t* count) {
     const int64_t per_cam = int64_t(tiles_x) * tiles_y;
-    std::fill(tile_offsets, tile_offsets + C * per_cam + 1, int64_t(0));
-    for (int64_t idx = 0; idx < C * N; ++idx) {
+    for (int64_t idx = begin; idx < end; ++idx) {
+        if (radii[2 * idx] <= 0) continue;
         int64_t x0, x1, y0, y1;
         tile_rect(means2d + 2 * idx, radii + 2 * idx, tiles_x, tiles_y, tile_size, &x0, &x1, &y0, &y1);
-        int64_t* row = tile_offsets + 1 + (idx / N) * per_cam;
+        int64_t* row = count + (idx / N) * per_cam;
         for (int64_t ty = y0; ty < y1; ++ty)
             for (int64_t tx = x0; tx < x1; ++tx) ++row[ty * tiles_x + tx];
     }
-    for (int64_t t = 0; t < C * per_cam; ++t) tile_offsets[t + 1] += tile_offsets[t];
 }
+
+template <typename T>
+void intersect_offsets(int64_t C, int64_t N, const T* means2d, const int32_t* radii, int tiles_x, int tiles_y,
+                       int tile_size, int64_t* tile_offsets, int num_threads) {
+    const int nt = resolve_threads(num_threads);
+    const int64_t num_tiles = C * int64_t(tiles_x) * tiles_y;
+    std::vector<int64_t> counts(size_t(nt * num_tiles), 0);  // one row of tile counts per thread
+#pragma omp parallel for schedule(static) num_threads(nt)
+    for (int j = 0; j < nt; ++j)
+        count_tiles(C * N * j / nt, C * N * (j + 1) / nt, N, means2d, radii, tiles_x, tiles_y, tile_size,
+                    counts.data() + j * num_tiles);
+    tile_offsets[0] = 0;
+    for (int64_t t = 0; t < num_tiles; ++t) {
+        int64_t total = 0;
+        for (int j = 0; j < nt; ++j) total += counts[j * num_tiles + t];
+        tile_offsets[t + 1] = tile_offsets[t] + total;
+    }
+}
+
+namespace {
+
+// Sort key of a depth: unsigned integers in the order of the depths, -0 equal to +0, NaN last
+// (after +inf), as torch.sort puts it.
+inline uint32_t depth_key(float d) {
+    if (d != d) return ~uint32_t(0);
+    d += 0.0f;  // -0 -> +0
+    uint32_t u;
+    std::memcpy(&u, &d, 4);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+inline uint64_t depth_key(double d) {
+    if (d != d) return ~uint64_t(0);
+    d += 0.0;
+    uint64_t u;
+    std::memcpy(&u, &d, 8);
+    return (u & 0x8000000000000000ull) ? ~u : (u | 0x8000000000000000ull);
+}
+
+// Stable LSD radix sort of (key, id) pairs by key, 8 bits per pass; passes whose digit is the same
+// for every key are skipped. Stable, so equal keys keep their input (id) order.
+template <typename K>
+void radix_sort_pairs(std::vector<K>& keys, std::vector<int64_t>& ids) {
+    const size_t n = keys.size();
+    std::vector<K> keys_tmp(n);
+    std::vector<int64_t> ids_tmp(n);
+    for (int shift = 0; shift < int(8 * sizeof(K)); shift += 8) {
+        size_t bucket[257] = {0};
+        for (size_t i = 0; i < n; ++i) ++bucket[((keys[i] >> shift) & 0xff) + 1];
+        if (n == 0 || bucket[((keys[0] >> shift) & 0xff) + 1] == n) continue;  // one digit: nothing moves
+        for (int b = 0; b < 256; ++b) bucket[b + 1] += bucket[b];
+        for (size_t i = 0; i < n; ++i) {
+            const size_t at = bucket[(keys[i] >> shift) & 0xff]++;
+            keys_tmp[at] = keys[i];
+            ids_tmp[at] = ids[i];
+        }
+        keys.swap(keys_tmp);
+        ids.swap(ids_tmp);
+    }
+}
+
+}  // namespace
 
 template <typename T>
 void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii, const T* depths, int tiles_x,
                     int tiles_y, int tile_size, const int64_t* tile_offsets, int64_t* gaussian_ids, int num_threads) {
     const int nt = resolve_threads(num_threads);
     const int64_t per_cam = int64_t(tiles_x) * tiles_y;
-    // Each camera's visible Gaussians sorted once, front to back (depth, ties by id; NaN last, as
+    // Each camera's visible Gaussians sorted once, front to back (depth, ties by id, NaN last, as
     // torch.sort(stable=True) does); filling the tiles in that order leaves every tile's list
     // sorted, so no per-tile sort is needed.
-    struct Entry {
-        T depth;
-        int64_t idx;
-    };
-    auto before = [](const Entry& a, const Entry& b) {
-        const bool na = a.depth != a.depth, nb = b.depth != b.depth;
-        if (na != nb) return nb;
-        if (!na && a.depth != b.depth) return a.depth < b.depth;
-        return a.idx < b.idx;
-    };
-    std::vector<Entry> sorted;
-    sorted.reserve(size_t(C * N));
-    std::vector<int64_t> cam_begin(size_t(C + 1), 0);
+    using Key = decltype(depth_key(T(0)));
+    std::vector<std::vector<int64_t>> order(static_cast<size_t>(C));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t c = 0; c < C; ++c) {
+        std::vector<Key> keys;
+        std::vector<int64_t>& ids = order[c];
         for (int64_t n = 0; n < N; ++n)
-            if (radii[2 * (c * N + n)] > 0) sorted.push_back({depths[c * N + n], c * N + n});
-        cam_begin[c + 1] = int64_t(sorted.size());
+            if (radii[2 * (c * N + n)] > 0) {
+                keys.push_back(depth_key(depths[c * N + n]));
+                ids.push_back(c * N + n);
+            }
+        radix_sort_pairs(keys, ids);
     }
-    // Sort pieces (at least one per thread) in parallel, then merge each camera's pieces.
-    const int64_t pieces_per_cam = std::max<int64_t>(1, (nt + C - 1) / C);
-    auto piece = [&](int64_t c, int64_t k) {
-        const int64_t b = cam_begin[c], n = cam_begin[c + 1] - b;
-        return b + n * k / pieces_per_cam;
-    };
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-    for (int64_t job = 0; job < C * pieces_per_cam; ++job) {
-        const int64_t c = job / pieces_per_cam, k = job % pieces_per_cam;
-        std::sort(sorted.begin() + piece(c, k), sorted.begin() + piece(c, k + 1), before);
-    }
-    for (int64_t width = 1; width < pieces_per_cam; width *= 2) {
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
-        for (int64_t job = 0; job < C * pieces_per_cam; ++job) {
-            const int64_t c = job / pieces_per_cam, k = job % pieces_per_cam;
-            if (k % (2 * width) != 0 || k + width >= pieces_per_cam) continue;
-            std::inplace_merge(sorted.begin() + piece(c, k), sorted.begin() + piece(c, k + width),
-                               sorted.begin() + piece(c, std::min(k + 2 * width, pieces_per_cam)), before);
-        }
-    }
-    std::vector<int64_t> order(sorted.size());
-    for (size_t i = 0; i < sorted.size(); ++i) order[i] = sorted[i].idx;
-    std::vector<Entry>().swap(sorted);
-    // Fill: the sorted list is cut into chunks, one per thread and camera; chunk j of a camera
-    // writes each of its tiles after chunks 0..j-1 have written theirs (counted first).
+    // Fill: each camera's sorted list is cut into chunks, one per thread; chunk j writes each of its
+    // tiles after chunks 0..j-1 have written theirs (counted first).
     const int64_t chunks = nt;
-    std::vector<int64_t> counts(size_t(C * chunks * per_cam), 0);
-    auto chunk_range = [&](int64_t c, int64_t j, int64_t* b, int64_t* e) {
-        const int64_t lo = cam_begin[c], n = cam_begin[c + 1] - lo;
-        *b = lo + n * j / chunks;
-        *e = lo + n * (j + 1) / chunks;
+    std::vector<int64_t> cursors(size_t(C * chunks * per_cam), 0);
+    auto chunk_of = [&](int64_t job) {
+        const std::vector<int64_t>& ids = order[job / chunks];
+        const int64_t j = job % chunks, n = int64_t(ids.size());
+        return std::make_pair(ids.data() + n * j / chunks, ids.data() + n * (j + 1) / chunks);
     };
     auto for_tiles = [&](int64_t idx, auto&& visit) {
         int64_t x0, x1, y0, y1;
@@ -232,17 +267,17 @@ void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii
     };
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t job = 0; job < C * chunks; ++job) {
-        int64_t b, e;
-        chunk_range(job / chunks, job % chunks, &b, &e);
-        int64_t* count = counts.data() + job * per_cam;
-        for (int64_t i = b; i < e; ++i) for_tiles(order[i], [count](int64_t t) { ++count[t]; });
+        int64_t* count = cursors.data() + job * per_cam;
+        const auto range = chunk_of(job);
+        for (const int64_t* it = range.first; it != range.second; ++it)
+            for_tiles(*it, [count](int64_t t) { ++count[t]; });
     }
 #pragma omp parallel for schedule(static) num_threads(nt)
     for (int64_t ct = 0; ct < C * per_cam; ++ct) {  // counts -> each chunk's first slot in the tile
         const int64_t c = ct / per_cam, t = ct % per_cam;
         int64_t cursor = tile_offsets[ct];
         for (int64_t j = 0; j < chunks; ++j) {
-            int64_t& slot = counts[(c * chunks + j) * per_cam + t];
+            int64_t& slot = cursors[(c * chunks + j) * per_cam + t];
             const int64_t n = slot;
             slot = cursor;
             cursor += n;
@@ -250,11 +285,10 @@ void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nt)
     for (int64_t job = 0; job < C * chunks; ++job) {
-        int64_t b, e;
-        chunk_range(job / chunks, job % chunks, &b, &e);
-        int64_t* cursor = counts.data() + job * per_cam;
-        for (int64_t i = b; i < e; ++i) {
-            const int64_t idx = order[i];
+        int64_t* cursor = cursors.data() + job * per_cam;
+        const auto range = chunk_of(job);
+        for (const int64_t* it = range.first; it != range.second; ++it) {
+            const int64_t idx = *it;
             for_tiles(idx, [cursor, idx, gaussian_ids](int64_t t) { gaussian_ids[cursor[t]++] = idx; });
         }
     }
@@ -345,7 +379,7 @@ void composite_backward(int64_t C, int64_t N, int64_t D, int64_t M, const T* mea
     template void composite_backward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,   \
                                         const T*, const int64_t*, const int64_t*, int, int, int, int, int, const T*,   \
                                         const int64_t*, const T*, const T*, T*, T*, T*, T*, int);      \
-    template void intersect_offsets<T>(int64_t, int64_t, const T*, const int32_t*, int, int, int, int64_t*);      \
+    template void intersect_offsets<T>(int64_t, int64_t, const T*, const int32_t*, int, int, int, int64_t*, int); \
     template void intersect_fill<T>(int64_t, int64_t, const T*, const int32_t*, const T*, int, int, int,           \
                                     const int64_t*, int64_t*, int);
 

@@ -54,7 +54,7 @@ void composite_backward(int64_t C, int64_t N, int64_t D, int64_t M, const T* mea
 // per-tile lists of flat ids (camera * N + n), front to back (depth, ties by id).
 template <typename T>
 void intersect_offsets(int64_t C, int64_t N, const T* means2d, const int32_t* radii, int tiles_x, int tiles_y,
-                       int tile_size, int64_t* tile_offsets);
+                       int tile_size, int64_t* tile_offsets, int num_threads);
 template <typename T>
 void intersect_fill(int64_t C, int64_t N, const T* means2d, const int32_t* radii, const T* depths, int tiles_x,
                     int tiles_y, int tile_size, const int64_t* tile_offsets, int64_t* gaussian_ids, int num_threads);
