@@ -61,6 +61,11 @@ template <typename V, typename S>
 inline void vadd(S* p, const V& v) {
     vstore(p, vload<V>(p) + v);
 }
+template <typename M>
+inline bool any_lane(const M& m) {  // some lane non-zero (one vector compare, not a branch per lane)
+    static const M zero{};
+    return std::memcmp(&m, &zero, sizeof(M)) != 0;
+}
 template <typename V>
 inline V iota() {
     V v;
@@ -248,7 +253,7 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
                         vstore(last.data() + o, blend ? li : vload<M>(last.data() + o));
                         vstore(done.data() + o, dn | stop);
                         stops -= stop;  // stop lanes are -1
-                        if (tile_size <= kMaxMaskedTile)
+                        if (tile_size <= kMaxMaskedTile && any_lane(stop))
                             for (int i = 0; i < W; ++i)
                                 if (stop[i]) row_done[yy] |= RowMask(1) << (xx + i);
                     }
