@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("outputs/bench_compact"))
     ap.add_argument("--methods", nargs="+", default=["gs", "gs-compact"])
     ap.add_argument("--json", type=Path, default=None, help="write the results here too")
-    ap.add_argument("--compact-args", nargs="*", default=[], help="extra train flags for gs-compact, e.g. --gs-compact.hash-log2-size=11")
+    ap.add_argument("--compact-args", nargs="*", default=[], help="extra train flags for gs-compact (each value is split like a shell line), e.g. \"--compact-args=--gs-compact.hash-log2-size=11 --gs-compact.lambda-mask=5e-4\"")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = DATA / args.scene
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
             t = time.perf_counter()
             rc = cli(["train", str(data), "-o", str(run), "--method", name, "--max-steps", str(args.steps), "--backend", args.backend,
                       f"--{key.replace('_', '-')}.init-random-points", str(args.init_points), "--eval-every", str(10**9), "--save-every", str(args.steps)]
-                     + (args.compact_args if name == "gs-compact" else []))
+                     + ([a for x in args.compact_args for a in shlex.split(x)] if name == "gs-compact" else []))
             assert rc == 0
             train_s = time.perf_counter() - t
         else:
