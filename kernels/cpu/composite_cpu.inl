@@ -6,7 +6,7 @@
 // arithmetic in the same order, and per-splat sums run over pixel columns in the same order
 // whatever the lane count.
 //
-// Expects: FK_SIMD_BYTES defined (16 or 32), <algorithm>/<cstring>/<functional>/<vector> and
+// Expects: FK_SIMD_BYTES defined (16 or 32), <algorithm>/<cstring>/<vector> and
 // fieldkit/composite.h included, and to be included inside namespace fieldkit::cpu.
 // Defines CompositeKernels<T>::forward / ::backward (internal linkage).
 
@@ -312,8 +312,6 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
         std::vector<T> trans(PS), t_final(PS), g(PS * D), g_bg(PS), g_behind(PS), va(PS);
         std::vector<I> last(PS);
         std::vector<T> lanes(K * chunks * W);  // plain T storage: see vload/vstore
-        std::vector<RowMask> active(tile_size);  // bit x of row y: pixel (x, y) has last index >= l
-        std::vector<int64_t> by_last;             // the tile's pixels, last index descending
         const V lane = iota<V>();
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < num_tiles; ++tile) {
@@ -351,24 +349,10 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                 }
             }
             if (max_last < 0) continue;
-            // Pixels join the walk at their own last index: list them by it, largest first, so that the
-            // splat loop below can switch their bits on as l comes down to it.
-            const bool masked = tile_size <= kMaxMaskedTile;
-            std::fill(active.begin(), active.end(), RowMask(0));
-            by_last.clear();
-            if (masked) {
-                for (int64_t yy = 0; yy < geo.h; ++yy)
-                    for (int64_t xx = 0; xx < geo.w; ++xx)
-                        if (last[yy * RS + xx] >= 0) by_last.push_back(int64_t(last[yy * RS + xx]) * 4096 + yy * 64 + xx);
-                std::sort(by_last.begin(), by_last.end(), std::greater<int64_t>());
-            }
-            size_t joined = 0;
             splats.gather(gaussian_ids + start, max_last + 1, D, means2d, conics, opacities, features, boxes.data(),
                           geo.x0, geo.y0, geo.w, geo.h);
             const V gx0 = Ops::k(double(geo.x0));
             for (int64_t l = max_last; l >= 0; --l) {
-                for (; joined < by_last.size() && by_last[joined] >= l * 4096; ++joined)
-                    active[(by_last[joined] >> 6) & 63] |= RowMask(1) << (by_last[joined] & 63);
                 const int x0 = splats.bx0[l], x1 = splats.bx1[l];
                 if (x0 > x1 || splats.by0[l] > splats.by1[l]) continue;
                 const V mx = V{} + splats.mx[l], ca = V{} + splats.ca[l], cb = V{} + splats.cb[l];
@@ -386,16 +370,18 @@ void composite_backward_impl(int64_t C, int64_t N, int64_t D_runtime, int64_t M_
                     T* ln = lanes.data() + c * W;  // lane sums of row k at ln + k * ks
                     V s_mx = V{}, s_my = V{}, s_ca = V{}, s_cb = V{}, s_cc = V{}, s_op = V{};
                     V s_f[kRegisterChannels] = {};
-                    const RowMask chunk = masked ? row_bits(xx, std::min(xx + W - 1, x1), tile_size) : 0;
+                    const M in_box = xs <= vx1;
                     for (int64_t yy = splats.by0[l]; yy <= splats.by1[l]; ++yy) {
-                        // No pixel of this chunk row has joined yet: it would add only zeros.
-                        if (masked && (active[yy] & chunk) == 0) continue;
+                        // Pixels join the walk at their own last index; a chunk row where none has
+                        // joined yet would add only zeros.
+                        const M joined = in_box & (li <= vload<M>(last.data() + yy * RS + xx));
+                        if (!any_lane(joined)) continue;
                         const V dy = V{} + (splats.my[l] - (T(geo.y0) + (T(yy) + T(0.5))));
                         const int64_t o = yy * RS + xx;
                         const V sigma = splat_sigma(dx, dy, ca, cb, cc);
                         V vis, alpha_raw, alpha;
                         splat_opacity(sigma, op, &vis, &alpha_raw, &alpha);
-                        const M ok = splat_visible(sigma, alpha) & (xs <= vx1) & (li <= vload<M>(last.data() + o));
+                        const M ok = splat_visible(sigma, alpha) & joined;
                         const V Tn = vload<V>(trans.data() + o);
                         const V T_i = Tn / (Ops::k(1.0) - alpha);
                         V g_f = V{};
