@@ -15,7 +15,7 @@ import pytest
 import torch
 from scipy.spatial.transform import Rotation
 
-from fieldkit.optim.densify import Densifier, DensifyConfig
+from fieldkit.optim.densify import Densifier, DensifyConfig, prune_extent
 
 NAMES = ("means", "quats", "log_scales", "opacity_logits", "sh_dc", "sh_rest")
 EXTENT = 2.0  # scene extent: clone if max scale <= 0.01 * 2 = 0.02, prune if > 0.1 * 2 = 0.2
@@ -88,12 +88,12 @@ GRADS = [LOW, HIGH, HIGH, LOW, LOW, LOW, LOW]
 RADII = [5.0, 5.0, 5.0, 5.0, 30.0, 5.0, 5.0]
 
 
-def refine_fixture(step: int, config: DensifyConfig | None = None):
+def refine_fixture(step: int, config: DensifyConfig | None = None, prune_extent: float | None = None):
     config = config or DensifyConfig()
     params = make_params(SCALES, OPACITIES)
     opt = make_optimizer(params)
     before, moments = snapshot(params, opt)
-    densifier = Densifier(config, EXTENT, len(SCALES), torch.device("cpu"))
+    densifier = Densifier(config, EXTENT, len(SCALES), torch.device("cpu"), prune_extent)
     set_stats(densifier, GRADS, RADII)
     torch.manual_seed(0)
     report = densifier._refine(step, params, opt)
@@ -143,6 +143,31 @@ def test_screen_radius_pruning_starts_after_first_opacity_reset() -> None:
         params, *_ = refine_fixture(step, config)
         n_kept = params["means"].shape[0] - 3  # minus the clone and the two split children
         assert n_kept == (3 if pruned else 5), step  # 7 - split - faint (- big screen - big world)
+
+
+def test_world_size_pruning_uses_the_prune_extent() -> None:
+    """The 0.5-wide Gaussian is pruned against 0.1 x EXTENT = 0.2, kept against 0.1 x 10 = 1.0."""
+    params, *_, report = refine_fixture(3100, prune_extent=10.0)
+    assert params["means"].shape[0] == 7 - 3 + 3  # only split, faint and big-on-screen go
+    assert report["pruned"] == 2
+
+
+def test_prune_extent_forward_facing_vs_object_capture() -> None:
+    g = torch.Generator().manual_seed(0)
+    # Forward-facing: 10 cameras within 0.5 units of (0, 0, 0), content 20-30 units in front.
+    centers = torch.rand(10, 3, generator=g) - 0.5
+    points = torch.stack([torch.rand(500, generator=g) * 4 - 2, torch.rand(500, generator=g) * 4 - 2,
+                          20 + 10 * torch.rand(500, generator=g)], dim=-1)
+    camera_extent = 1.1 * (centers - centers.mean(0)).norm(dim=-1).max().item()
+    expected = (points.double() - centers.double().mean(0)).norm(dim=-1).median().item()
+    assert 20 < expected < 30
+    assert prune_extent(camera_extent, centers, points) == pytest.approx(expected)
+    # Object capture: cameras on a radius-4 ring around points inside the unit cube: the camera extent wins.
+    angle = torch.linspace(0, 2 * math.pi, 13)[:-1]
+    ring = torch.stack([4 * angle.cos(), 4 * angle.sin(), torch.zeros(12)], dim=-1)
+    inside = torch.rand(500, 3, generator=g) * 2 - 1
+    assert prune_extent(4.4, ring, inside) == 4.4
+    assert prune_extent(4.4, ring, inside[:0]) == 4.4  # no points: the camera extent
 
 
 def test_split_offsets_follow_the_parent_gaussian() -> None:

@@ -16,7 +16,7 @@ from fieldkit.data.scene import Scene
 from fieldkit.losses import gaussian_splat_loss
 from fieldkit.methods.base import Method, pick_device
 from fieldkit.models.gaussians import Splats, rgb_to_sh_dc
-from fieldkit.optim.densify import Densifier, DensifyConfig
+from fieldkit.optim.densify import Densifier, DensifyConfig, prune_extent
 from fieldkit.optim.levenberg_marquardt import LMConfig
 from fieldkit.optim.schedules import exponential_decay
 from fieldkit.render import rasterize
@@ -119,7 +119,8 @@ class GaussianSplatting(Method):
         }
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in self.params.items()}
         self.optimizer = self._make_optimizer()
-        self.densifier = Densifier(densify, self.scene_extent, len(splats), self.device)
+        self.densifier = Densifier(densify, self.scene_extent, len(splats), self.device,
+                                   prune_extent(self.scene_extent, self.train_cameras.centers, self.params["means"]))
         self.lm_phase = None
         if config.optimizer == "lm":
             from fieldkit.optim.levenberg_marquardt import SplatLMPhase

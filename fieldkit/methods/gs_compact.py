@@ -27,7 +27,7 @@ from fieldkit.methods.gs import GaussianSplatting, GSConfig, initial_splats
 from fieldkit.models.compact import ColorField, ResidualVQ, straight_through_mask, MASK_EPS
 from fieldkit.models.gaussians import Splats
 from fieldkit.optim.adam_surgery import replace_rows
-from fieldkit.optim.densify import Densifier, DensifyConfig, REFERENCE_STEPS
+from fieldkit.optim.densify import Densifier, DensifyConfig, REFERENCE_STEPS, prune_extent
 from fieldkit.optim.schedules import exponential_decay
 from fieldkit.render import rasterize
 
@@ -116,7 +116,8 @@ class CompactGaussians(GaussianSplatting):
         self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=config.rvq_lr)
         self.rvq_active = False
-        self.densifier = Densifier(densify, self.scene_extent, n, self.device)
+        self.densifier = Densifier(densify, self.scene_extent, n, self.device,
+                                   prune_extent(self.scene_extent, self.train_cameras.centers, self.params["means"]))
 
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
