@@ -8,11 +8,17 @@ edits and upgrades rebuild and nothing else does. Kernel sources are looked up i
 ``$FIELDKIT_KERNELS_DIR``, then ``fieldkit/kernels`` (package data of an install), then
 ``<repo>/kernels`` (source checkout). ``FIELDKIT_NO_NATIVE=1`` disables every native build.
 A failed build is remembered (not retried per call) and reported with the path of its log.
+
+Processes building the same folder take turns through an ``flock`` on ``build.flock`` (released
+by the kernel when its holder dies), so a build interrupted by Ctrl-C or ``kill`` cannot leave
+later runs waiting forever on torch's own ``lock`` file: the next builder removes it and says so.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import logging
 import os
 import platform
 import shutil
@@ -25,6 +31,35 @@ from types import ModuleType
 from typing import Callable, Sequence
 
 import torch
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: torch's own lock file only
+    fcntl = None
+
+log = logging.getLogger("fieldkit")
+
+
+@contextlib.contextmanager
+def build_turn(build_dir: Path, name: str):
+    """Hold the exclusive build turn for ``build_dir``; clears a lock file left by a dead build."""
+    if fcntl is None:
+        yield
+        return
+    with open(build_dir / "build.flock", "a") as guard:
+        try:
+            fcntl.flock(guard, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("another process is building %s in %s; waiting for it", name, build_dir)
+            fcntl.flock(guard, fcntl.LOCK_EX)
+        try:
+            stale = build_dir / "lock"  # torch.utils.cpp_extension's baton; nobody else is building now
+            if stale.exists():
+                log.warning("removed %s, left by an interrupted build of %s", stale, name)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(guard, fcntl.LOCK_UN)
 
 
 def cache_root() -> Path:
@@ -93,27 +128,33 @@ class NativeExtension:
         digest.update("|".join(parts).encode())
         return digest.hexdigest()[:16]
 
+    def build_dir(self) -> Path:
+        """The cache folder this extension builds into (keyed by sources, versions and flags)."""
+        return cache_root() / "torch_extensions" / f"{self.name}-{self.build_key(self.kernels_dir())}"
+
     def _load(self) -> ModuleType:
         reason = self.unavailable_reason()
         if reason is not None:
             raise RuntimeError(reason)
         folder = self.kernels_dir()
-        build_dir = cache_root() / "torch_extensions" / f"{self.name}-{self.build_key(folder)}"
+        build_dir = self.build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         from torch.utils.cpp_extension import load
 
         start = time.perf_counter()
         try:
-            module = load(
-                name=self.name,
-                sources=[str(folder / rel) for rel in self.sources],
-                extra_include_paths=[str(folder / sub) for sub in self.include_dirs],
-                extra_cflags=self.cflags,
-                extra_ldflags=self.ldflags or None,
-                extra_cuda_cflags=self.cuda_cflags,
-                build_directory=str(build_dir),
-                verbose=False,
-            )
+            with build_turn(build_dir, self.name):
+                module = load(
+                    name=self.name,
+                    sources=[str(folder / rel) for rel in self.sources],
+                    extra_include_paths=[str(folder / sub) for sub in self.include_dirs],
+                    # copies: torch appends its own flags to the lists it is given (the cache key reads ours)
+                    extra_cflags=list(self.cflags),
+                    extra_ldflags=list(self.ldflags) or None,
+                    extra_cuda_cflags=list(self.cuda_cflags) if self.cuda_cflags is not None else None,
+                    build_directory=str(build_dir),
+                    verbose=False,
+                )
         except Exception as error:  # compiler errors surface as RuntimeError/CalledProcessError
             log_path = build_dir / "build_error.log"
             log_path.write_text(f"{type(error).__name__}: {error}\n\n{traceback.format_exc()}")

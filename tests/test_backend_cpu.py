@@ -413,3 +413,24 @@ def test_simd_builds_agree_bitwise():
     level, digest = out.stdout.split()[-2:]
     assert level == "baseline"
     assert digest == _simd_digest()
+
+
+def test_build_lock_left_by_an_interrupted_build_is_cleared():
+    """A process killed during the JIT build leaves torch's `lock` file; the next one must not hang on it."""
+    import os
+    import subprocess
+    import sys
+
+    cpu.extension()  # built (or loaded) here first
+    lock = cpu._EXTENSION.build_dir() / "lock"
+    lock.touch()  # what a killed builder leaves behind
+    code = (
+        "import logging, sys; logging.basicConfig(level=logging.INFO, stream=sys.stderr)\n"
+        "import fieldkit.render.backends.cpu as c; c.extension(); print('loaded')"
+    )
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=240, env=dict(os.environ))
+    finally:
+        lock.unlink(missing_ok=True)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+    assert "interrupted build" in out.stderr
