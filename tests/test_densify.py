@@ -89,7 +89,7 @@ RADII = [5.0, 5.0, 5.0, 5.0, 30.0, 5.0, 5.0]
 
 
 def refine_fixture(step: int, config: DensifyConfig | None = None, prune_extent: float | None = None):
-    config = config or DensifyConfig()
+    config = config or DensifyConfig(prune_screen_radius=20.0)  # the screen-size rule on (off by default)
     params = make_params(SCALES, OPACITIES)
     opt = make_optimizer(params)
     before, moments = snapshot(params, opt)
@@ -138,11 +138,18 @@ def test_refine_clone_split_prune_and_moments(step: int, removed: set[int]) -> N
 
 
 def test_screen_radius_pruning_starts_after_first_opacity_reset() -> None:
-    config = DensifyConfig(reset_opacity_every=3000)
+    config = DensifyConfig(reset_opacity_every=3000, prune_screen_radius=20.0)
     for step, pruned in ((2900, False), (3000, False), (3100, True)):
         params, *_ = refine_fixture(step, config)
         n_kept = params["means"].shape[0] - 3  # minus the clone and the two split children
         assert n_kept == (3 if pruned else 5), step  # 7 - split - faint (- big screen - big world)
+
+
+def test_screen_size_pruning_is_off_by_default() -> None:
+    """gsplat's default (and what the 3DGS reference does in effect): the 30-px Gaussian stays."""
+    params, *_, report = refine_fixture(3100, DensifyConfig())
+    assert report["pruned"] == 2  # faint and big-in-the-world only
+    assert params["means"].shape[0] == 7 - 3 + 3
 
 
 def test_world_size_pruning_uses_the_prune_extent() -> None:

@@ -32,7 +32,10 @@ class DensifyConfig:
     split_count: int = 2
     split_scale_divisor: float = 1.6
     prune_opacity: float = 0.005
-    prune_screen_radius: float = 20.0
+    prune_screen_radius: float = 0.0
+    """Prune Gaussians whose screen radius passed this many pixels since the last refinement (0: off).
+    Off by default, as in gsplat; the 3DGS reference passes 20 but its test never fires (the radii are
+    reset before it is read). Switched on (20) it cut fern's background at every refinement."""
     prune_world_scale: float = 0.1
     min_reset_interval: int = 500
     """When the schedule is shrunk to a short run, opacity resets stay at least this many steps
@@ -134,7 +137,8 @@ class Densifier:
         opacity = torch.sigmoid(params["opacity_logits"].detach())
         prune = opacity < cfg.prune_opacity
         if step > cfg.reset_opacity_every:
-            prune |= self.max_radius > cfg.prune_screen_radius
+            if cfg.prune_screen_radius > 0:
+                prune |= self.max_radius > cfg.prune_screen_radius
             prune |= max_scale > cfg.prune_world_scale * self.prune_extent
         remove = prune | split
         # New rows inherit from Gaussians that may be pruned; prune them too if so.
