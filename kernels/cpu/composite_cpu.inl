@@ -253,7 +253,7 @@ void composite_forward_impl(int64_t C, int64_t N, int64_t D_runtime, const T* me
                         vstore(last.data() + o, blend ? li : vload<M>(last.data() + o));
                         vstore(done.data() + o, dn | stop);
                         stops -= stop;  // stop lanes are -1
-                        if (tile_size <= kMaxMaskedTile && any_lane(stop))
+                        if (box && any_lane(stop))  // box == 0: no masks for this tile width
                             for (int i = 0; i < W; ++i)
                                 if (stop[i]) row_done[yy] |= RowMask(1) << (xx + i);
                     }
