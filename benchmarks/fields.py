@@ -4,6 +4,7 @@
     python benchmarks/fields.py --nerf-steps 3000 --gs-steps 3000 --threads 2
     python benchmarks/fields.py --variants nerf nerf+cam --json out.json
     python benchmarks/fields.py --mesh                  # also meshes (marching cubes / TSDF) and Chamfer
+    python benchmarks/fields.py --variants nerf nerf+s3im --train-views 20   # sparse views (S3IM's regime)
 
 Every variant trains from the same seed for the same number of steps (nerf variants share one
 budget, gs variants another) and is evaluated on all test views. The table reports test PSNR and
@@ -62,6 +63,15 @@ def build(variant: str, scene, steps: int, seed: int, nerf_overrides: dict):
     from fieldkit.methods.gs import GaussianSplatting, GSConfig
 
     return GaussianSplatting(replace(GSConfig(), **options), scene, max_steps=steps, seed=seed)
+
+
+def fewer_train_views(scene, count: int):
+    """The scene with ``count`` evenly spaced training views (sparse-view runs); test views unchanged."""
+    train = scene.split["train"]
+    if not 0 < count <= len(train):
+        raise SystemExit(f"--train-views must be in 1..{len(train)}, got {count}")
+    keep = train[torch.linspace(0, len(train) - 1, count).round().long()]
+    return replace(scene, split={**scene.split, "train": keep})
 
 
 def n_params(method) -> int:
@@ -193,6 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--log-every", type=int, default=250)
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--save", type=Path, default=None, help="write each trained model's state to DIR/<variant>.pt")
+    parser.add_argument("--train-views", type=int, default=0,
+                        help="train on this many evenly spaced training views only (0: all); the test views stay")
     parser.add_argument("--load", type=Path, default=None,
                         help="skip training: load DIR/<variant>.pt (from --save) and only evaluate / mesh")
     args = parser.parse_args(argv)
@@ -202,6 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     scene = load_scene(args.data)
+    if args.train_views:
+        scene = fewer_train_views(scene, args.train_views)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print(f"lego_200: {len(scene.split['train'])} train / {len(scene.split['test'])} test views at 200x200; "
           f"device {device}, {torch.get_num_threads()} threads")

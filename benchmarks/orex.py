@@ -49,10 +49,11 @@ def find_input(name: str) -> Path:
     raise SystemExit(f"no {name}.csl under {DATA} (set FIELDKIT_SHARED_DATA)")
 
 
-def run_orex(cs, steps: int, resolution: int, seed: int = 0, log_every: int = 250):
+def run_orex(cs, steps: int, resolution: int, seed: int = 0, log_every: int = 250, ensemble: int | None = None):
     torch.manual_seed(seed)
     np.random.seed(seed)
-    method = OReX(OReXConfig(mesh_resolution=resolution), cs, max_steps=steps, seed=seed)
+    config = OReXConfig(mesh_resolution=resolution) if ensemble is None else OReXConfig(mesh_resolution=resolution, ensemble=ensemble)
+    method = OReX(config, cs, max_steps=steps, seed=seed)
     wall, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
         stats = method.train_step(step)
@@ -99,6 +100,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=OReX.default_max_steps, help="OReX training steps (default: the method's default)")
     parser.add_argument("--resolution", type=int, default=256, help="meshing grid (cells along the longest side)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--ensemble", type=int, default=None, help="OReX networks averaged (default: the method's default, --orex.ensemble)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument("--meshes", type=Path, default=None, help="folder to save the meshes and pictures in")
     parser.add_argument("--pictures", nargs="*", default=None, metavar="NAME", help="also reconstruct these inputs (no reference needed) and write --pictures-dir/NAME.png; 'all': every .csl in csl_without_ref")
@@ -108,13 +110,14 @@ def main() -> int:
     parser.add_argument("--skip-table", action="store_true", help="only make the pictures")
     args = parser.parse_args()
 
-    print(f"torch {torch.__version__}; OReX runs on {OReXConfig().threads or torch.get_num_threads()} thread(s); CPU count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
+    ensemble = args.ensemble or OReXConfig().ensemble
+    print(f"torch {torch.__version__}; OReX: {ensemble} network(s), one thread each; CPU count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in [] if args.skip_table else args.inputs:
         path = find_input(name)
         cs = read_csl(path)
         reference = find_reference(cs)
-        for label, runner in (("OReX", lambda: run_orex(cs, args.steps, args.resolution, args.seed)), ("baseline", lambda: run_baseline(cs, args.resolution))):
+        for label, runner in (("OReX", lambda: run_orex(cs, args.steps, args.resolution, args.seed, ensemble=args.ensemble)), ("baseline", lambda: run_baseline(cs, args.resolution))):
             print(f"{name}: {label} ...", flush=True)
             model, mesh, info, times = runner()
             metrics = shape_metrics(mesh, cs, model.inside, reference)
@@ -155,7 +158,7 @@ def main() -> int:
         path = find_input(name)
         cs = read_csl(path)
         print(f"{name}: {len(cs.planes)} planes in {len(cs.directions())} directions, {cs.n_vertices} vertices; OReX ...", flush=True)
-        model, mesh, info, times = run_orex(cs, args.steps, args.resolution, args.seed)
+        model, mesh, info, times = run_orex(cs, args.steps, args.resolution, args.seed, ensemble=args.ensemble)
         watertight = bool(info["watertight"] and info["winding_consistent"])
         title = f"{name}: OReX, {args.steps} steps, {info['faces']} faces, watertight={watertight}"
         out = args.picture_out if (args.picture and name == args.picture) else args.pictures_dir / f"{name}.png"

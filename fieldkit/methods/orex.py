@@ -13,7 +13,9 @@ points, so a 15-plane input trains in a few minutes on a laptop CPU (see docs/or
 
 from __future__ import annotations
 
+import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -77,6 +79,10 @@ class OReXConfig:
     threads: int = 1
     """torch CPU threads for this run (0: leave torch's default). The MLP's matrices are small: one thread
     is as fast as two on an idle laptop and ~10x faster when other jobs share the cores (no spin-waiting)."""
+    ensemble: int = 1
+    """Networks trained independently (seeds seed, seed + 1, ...) whose logits are averaged; one thread each,
+    so 2 costs about the wall time of 1 on two cores. Averaging cancels part of each network's error between
+    the planes (docs/orex.md)."""
     export_after_training: bool = True
     """Write exports/mesh.obj and mesh.png into the run folder when training ends."""
 
@@ -87,6 +93,8 @@ class OReX(Method):
     default_max_steps = 2000
 
     def __init__(self, config: OReXConfig, scene: CrossSections, max_steps: int = 2000, backend: str = "auto", seed: int = 0):
+        if config.ensemble < 1:
+            raise ValueError(f"--orex.ensemble must be >= 1, got {config.ensemble}")
         self.config = config
         self.source = scene
         self.max_steps = max(int(max_steps), 1)
@@ -97,14 +105,21 @@ class OReX(Method):
         if config.threads > 0:
             torch.set_num_threads(config.threads)
         self.dtype = torch.float64 if config.dtype == "float64" else torch.float32
-        self.model = OccupancyNetwork(config.width, config.depth, config.hidden_state, config.frequencies, config.iterations).to(self.dtype)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self.members = [_Member(config, self.cs, self.hull, seed + k, self.dtype) for k in range(config.ensemble)]
         weights = np.asarray(config.level_weights, dtype=np.float64)
         self.level_ends = np.round(np.cumsum(weights) / weights.sum() * self.max_steps).astype(int)
-        self._datasets: dict[int, tuple[Tensor, Tensor]] = {}
-        self._pool: tuple[int, Tensor, Tensor] | None = None
         self._level = 0
         self._mesh_cache: tuple[tuple, Any, dict] | None = None
+        self._pool_executor: ThreadPoolExecutor | None = None
+
+    @property
+    def model(self) -> OccupancyNetwork:
+        """The first network of the ensemble (the only one with ``--orex.ensemble 1``)."""
+        return self.members[0].model
+
+    @property
+    def models(self) -> list[OccupancyNetwork]:
+        return [m.model for m in self.members]
 
     # ------------------------------------------------------------------------------------------ data
 
@@ -121,59 +136,22 @@ class OReX(Method):
     def level_at(self, step: int) -> int:
         return int(min(np.searchsorted(self.level_ends, step, side="right"), len(self.level_ends) - 1))
 
-    def _dataset(self, level: int) -> tuple[Tensor, Tensor]:
-        if level not in self._datasets:
-            rng = np.random.default_rng([self.seed, level])
-            points, labels = level_samples(self.cs, level, rng, self.config.sampling, self.hull)
-            self._datasets[level] = (torch.from_numpy(points).to(self.dtype), torch.from_numpy(labels).to(self.dtype))
-        return self._datasets[level]
-
-    def _training_pool(self, level: int) -> tuple[Tensor, Tensor]:
-        if self._pool is None or self._pool[0] != level:
-            used = range(max(0, level - self.config.window + 1), level + 1)
-            for old in [k for k in self._datasets if k not in used]:
-                del self._datasets[old]
-            parts = [self._dataset(k) for k in used]
-            self._pool = (level, torch.cat([p for p, _ in parts]), torch.cat([lab for _, lab in parts]))
-        return self._pool[1], self._pool[2]
-
     def learning_rate(self, step: int) -> float:
         c = self.config
         return c.lr * (c.lr_final / c.lr) ** (min(step, self.max_steps) / self.max_steps)
 
     def train_step(self, step: int) -> dict[str, float]:
-        c = self.config
         self._level = level = self.level_at(step)
-        points, labels = self._training_pool(level)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
-        pick = torch.randint(len(points), (c.batch_size,), generator=generator)
-        x, y = points[pick], labels[pick]
         lr = self.learning_rate(step)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.model.train()
-        hinge_all = c.hinge_lambda > 0 and c.hinge_points <= 0
-        x = x.requires_grad_(hinge_all)
-        passes = self.model(x)
-        bce = torch.stack([F.binary_cross_entropy_with_logits(logit, y) for logit in passes]).mean()
-        loss = bce
-        hinge = torch.zeros((), dtype=self.dtype)
-        if c.hinge_lambda > 0:
-            if hinge_all:
-                xh, last = x, passes[-1]
-            else:
-                xh = x[: c.hinge_points].detach().requires_grad_(True)
-                last = self.model(xh, all_passes=False)
-            (grad,) = torch.autograd.grad(last.sum(), xh, create_graph=True)
-            hinge = torch.relu(grad.norm(dim=-1) - c.hinge_alpha).mean()
-            loss = loss + c.hinge_lambda * hinge
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            hard = (y != 0.5)
-            accuracy = ((passes[-1][hard] > 0) == (y[hard] > 0.5)).float().mean()
-        return {"loss": loss.item(), "bce": bce.item(), "hinge": hinge.item(), "accuracy": accuracy.item(), "lr": lr, "level": level}
+        if len(self.members) == 1:
+            results = [self.members[0].step(level, step, lr)]
+        else:  # the networks are independent: one thread each (torch ops release the GIL)
+            if self._pool_executor is None:
+                workers = min(len(self.members), max(1, os.cpu_count() or 1))
+                self._pool_executor = ThreadPoolExecutor(workers, thread_name_prefix="orex-member")
+            results = list(self._pool_executor.map(lambda m: m.step(level, step, lr), self.members))
+        stats = {key: float(np.mean([r[key] for r in results])) for key in results[0]}
+        return {**stats, "lr": lr, "level": level}
 
     def stats(self) -> dict[str, float]:
         return {"level": self._level}
@@ -185,26 +163,38 @@ class OReX(Method):
     # ---------------------------------------------------------------------------------- checkpoints
 
     def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "centre": torch.as_tensor(self.centre, dtype=torch.float64),
-            "scale": float(self.scale),
-        }
+        state: dict[str, Any] = {"centre": torch.as_tensor(self.centre, dtype=torch.float64), "scale": float(self.scale)}
+        if len(self.members) == 1:  # the single-network layout of earlier runs
+            return {"model": self.model.state_dict(), "optimizer": self.members[0].optimizer.state_dict(), **state}
+        return {"members": [{"model": m.model.state_dict(), "optimizer": m.optimizer.state_dict()} for m in self.members], **state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        if "optimizer" in state:
-            self.optimizer.load_state_dict(state["optimizer"])
+        parts = state["members"] if "members" in state else [state]
+        if len(parts) != len(self.members):
+            # the checkpoint decides how many networks the field averages (a run's config may predate --orex.ensemble)
+            self.members = self.members[: len(parts)] + [
+                _Member(self.config, self.cs, self.hull, self.seed + k, self.dtype) for k in range(len(self.members), len(parts))]
+        for member, part in zip(self.members, parts):
+            member.model.load_state_dict(part["model"])
+            if "optimizer" in part:
+                member.optimizer.load_state_dict(part["optimizer"])
         self._mesh_cache = None
 
     # ------------------------------------------------------------------------------------ the field
 
     def field_normalised(self, points: np.ndarray) -> np.ndarray:
-        """Last-pass logit (> 0 inside) in the normalised frame, clipped to the padded hull of the contours."""
-        self.model.eval()
-        logits = self.model.logits(torch.from_numpy(np.asarray(points)).to(self.dtype)).double().numpy()
+        """Last-pass logit (> 0 inside) in the normalised frame, averaged over the ensemble's networks and
+        clipped to the padded hull of the contours."""
+        x = torch.from_numpy(np.asarray(points)).to(self.dtype)
+        logits = np.zeros(len(x))
+        for model in self.models:
+            model.eval()
+            logits += model.logits(x).double().numpy()
+        logits /= len(self.members)
         return np.minimum(logits, -self.config.hinge_alpha * self.hull.signed_distance(points))
+
+    def _mean_logit(self, x: Tensor) -> Tensor:
+        return torch.stack([model(x, all_passes=False) for model in self.models]).mean(dim=0)
 
     def inside(self, points: np.ndarray) -> np.ndarray:
         """In/out of points in the input's own coordinates."""
@@ -212,7 +202,8 @@ class OReX(Method):
 
     def _project(self, verts: np.ndarray, spacing: float, steps: int = 2) -> np.ndarray:
         """Newton steps along the gradient onto the zero level set, at most half a cell each."""
-        self.model.eval()
+        for model in self.models:
+            model.eval()
         x = torch.from_numpy(verts).to(self.dtype)
         hull_limited = self.config.hinge_alpha * -self.hull.signed_distance(verts) < 4.0  # surface set by the hull
         movable = torch.from_numpy(~hull_limited)
@@ -221,7 +212,7 @@ class OReX(Method):
             for start in range(0, len(x), 65536):
                 chunk = x[start : start + 65536].clone().requires_grad_(True)
                 with torch.enable_grad():
-                    f = self.model(chunk, all_passes=False)
+                    f = self._mean_logit(chunk)
                     (g,) = torch.autograd.grad(f.sum(), chunk)
                 step = -(f.detach() / g.pow(2).sum(-1).clamp_min(1e-12))[:, None] * g
                 length = step.norm(dim=-1, keepdim=True)
@@ -302,6 +293,68 @@ class OReX(Method):
         results = shape_metrics(mesh, self.source, self.inside, reference, iou_resolution=iou_resolution, samples=samples)
         results["mesh_seconds"] = info["seconds"]
         return {"results": results, "reference": str(reference) if reference else None, "mesh": info}
+
+
+class _Member:
+    """One network of the ensemble, trained on its own draw of samples and batches (its own seed)."""
+
+    def __init__(self, config: OReXConfig, cs: CrossSections, hull: ScaledHull, seed: int, dtype: torch.dtype):
+        self.config, self.cs, self.hull, self.seed, self.dtype = config, cs, hull, seed, dtype
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self.model = OccupancyNetwork(config.width, config.depth, config.hidden_state, config.frequencies, config.iterations).to(dtype)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        self._datasets: dict[int, tuple[Tensor, Tensor]] = {}
+        self._pool: tuple[int, Tensor, Tensor] | None = None
+
+    def _dataset(self, level: int) -> tuple[Tensor, Tensor]:
+        if level not in self._datasets:
+            rng = np.random.default_rng([self.seed, level])
+            points, labels = level_samples(self.cs, level, rng, self.config.sampling, self.hull)
+            self._datasets[level] = (torch.from_numpy(points).to(self.dtype), torch.from_numpy(labels).to(self.dtype))
+        return self._datasets[level]
+
+    def _training_pool(self, level: int) -> tuple[Tensor, Tensor]:
+        if self._pool is None or self._pool[0] != level:
+            used = range(max(0, level - self.config.window + 1), level + 1)
+            for old in [k for k in self._datasets if k not in used]:
+                del self._datasets[old]
+            parts = [self._dataset(k) for k in used]
+            self._pool = (level, torch.cat([p for p, _ in parts]), torch.cat([lab for _, lab in parts]))
+        return self._pool[1], self._pool[2]
+
+    def step(self, level: int, step: int, lr: float) -> dict[str, float]:
+        """One Adam step on a batch of the level's samples: BCE on every pass plus the gradient hinge."""
+        c = self.config
+        points, labels = self._training_pool(level)
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + step)
+        pick = torch.randint(len(points), (c.batch_size,), generator=generator)
+        x, y = points[pick], labels[pick]
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        hinge_all = c.hinge_lambda > 0 and c.hinge_points <= 0
+        x = x.requires_grad_(hinge_all)
+        passes = self.model(x)
+        bce = torch.stack([F.binary_cross_entropy_with_logits(logit, y) for logit in passes]).mean()
+        loss = bce
+        hinge = torch.zeros((), dtype=self.dtype)
+        if c.hinge_lambda > 0:
+            if hinge_all:
+                xh, last = x, passes[-1]
+            else:
+                xh = x[: c.hinge_points].detach().requires_grad_(True)
+                last = self.model(xh, all_passes=False)
+            (grad,) = torch.autograd.grad(last.sum(), xh, create_graph=True)
+            hinge = torch.relu(grad.norm(dim=-1) - c.hinge_alpha).mean()
+            loss = loss + c.hinge_lambda * hinge
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        with torch.no_grad():
+            hard = (y != 0.5)
+            accuracy = ((passes[-1][hard] > 0) == (y[hard] > 0.5)).float().mean()
+        return {"loss": loss.item(), "bce": bce.item(), "hinge": hinge.item(), "accuracy": accuracy.item()}
 
 
 def _up_axis(cs: CrossSections) -> int:
