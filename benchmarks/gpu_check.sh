@@ -6,12 +6,16 @@
 #
 # Steps (each logs to OUT_DIR/<step>.log; a failing step is reported and the others still run):
 #   env        GPU, driver, nvcc, torch, gsplat versions
-#   compile    nvcc compile check of kernels/cuda/*.cu for sm_80 + sm_90 (the CI test)
-#   build      JIT build of the fieldkit_cuda extension, timed (cached afterwards)
-#   parity     tests/test_backend_cuda.py: cuda-marked parity tests and the gsplat peer tests
+#   compile    nvcc compile check of kernels/cuda/*.cu and kernels/lm/lm_cache_cuda.cu for sm_80 +
+#              sm_90 (the CI tests), the LM glue as C++, the model of the LM cache's positions
+#   build      JIT builds of the fieldkit_cuda and fieldkit_lm_cuda extensions, timed (cached afterwards)
+#   parity     tests/test_backend_cuda.py: cuda-marked parity tests and the gsplat peer tests;
+#              tests/test_lm_cuda.py: the CUDA LM gradient cache against the CPU build (layout,
+#              values, products, determinism) and the LM on CUDA tensors end to end
 #   sanitizer-{memcheck,racecheck,synccheck,initcheck}
 #              compute-sanitizer on a small forward + backward (float32 and float64, D = 4 and 8,
-#              tile sizes 16 / 8 / 32), torch's caching allocator off so out-of-bounds accesses
+#              tile sizes 16 / 8 / 32) and the LM cache (build and products on the scenes of
+#              tests/test_lm_cuda.py), torch's caching allocator off so out-of-bounds accesses
 #              inside pooled blocks are caught
 #   bench      benchmarks/rasterize.py --device cuda: scenes (a)-(c), cuda/gsplat/torch, CUDA events
 #   bench-sizes (not run by default) benchmarks/rasterizer.py --backends torch,cuda,gsplat (garden fixture; synchronised
@@ -77,7 +81,12 @@ from fieldkit.render.backends import cuda
 ok, reason = cuda.is_available()
 print(f"fieldkit_cuda available: {ok} {reason}")
 print(f"load() took {cuda.build_seconds} s; wall {time.perf_counter() - start:.1f} s")
-raise SystemExit(0 if ok else 1)
+start = time.perf_counter()
+from fieldkit.optim import lm_native
+lm_ok, lm_reason = lm_native.is_available("cuda")
+print(f"fieldkit_lm_cuda available: {lm_ok} {lm_reason}")
+print(f"load() took {lm_native._CUDA_EXTENSION.build_seconds} s; wall {time.perf_counter() - start:.1f} s")
+raise SystemExit(0 if ok and lm_ok else 1)
 EOF
 }
 
@@ -108,6 +117,23 @@ for dtype in (torch.float32, torch.float64):
     feats = torch.rand(2, n, 8, generator=g).to("cuda", dtype).requires_grad_(True)
     img, alpha = cuda.composite_tiles_cuda(m2d, con, torch.full((2, n), 0.5, device="cuda", dtype=dtype), feats, isect, W, H, torch.zeros(2, 8, device="cuda", dtype=dtype))
     img.sum().backward()
+# The LM gradient cache (kernels/lm): build (count + fill) and the three products.
+import sys
+sys.path.insert(0, "tests")
+from test_lm_cuda import CASES, cache_inputs
+from fieldkit.optim import lm_native
+ok, reason = lm_native.is_available("cuda"); assert ok, reason
+lm_ext = lm_native.extension("cuda")
+for dtype in (torch.float32, torch.float64):
+    for case in CASES:
+        args = [a.to("cuda") if torch.is_tensor(a) else a for a in cache_inputs(case, dtype)]
+        out = lm_ext.build_cache(*args, True)
+        V, P, W, H = args[0].shape[0], out[7].numel() - 1, args[7], args[8]
+        pairs, cache = args[:3], out[2:7]
+        lm_ext.cache_jvp(*pairs, *cache, out[7], out[8], torch.randn(V, 9, device="cuda", dtype=dtype), W, H)
+        lm_ext.cache_vjp(*pairs, *cache, torch.randn(P, 3, device="cuda", dtype=dtype), W, H)
+        lm_ext.hessian_blocks(*pairs, *cache, torch.rand(P, 6, device="cuda", dtype=dtype), W, H)
+        lm_ext.build_cache(*args, False)
 torch.cuda.synchronize()
 print("small run ok")
 '
@@ -158,9 +184,11 @@ EOF
 want() { [[ " ${STEPS:-env compile build parity sanitizer bench events} " == *" $1 "* ]]; }
 
 want env && step env env_info
-want compile && step compile "$PY" -m pytest -q -s tests/test_backend_cuda.py -k "compiles or sort_keys" -p no:cacheprovider
+want compile && step compile "$PY" -m pytest -q -s tests/test_backend_cuda.py tests/test_lm_cuda.py \
+    -k "compiles or sort_keys or position_arithmetic" -p no:cacheprovider
 want build && step build build
-want parity && step parity "$PY" -m pytest -q -rs tests/test_backend_cuda.py tests/test_hashgrid.py -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"}
+want parity && step parity "$PY" -m pytest -q -rs tests/test_backend_cuda.py tests/test_hashgrid.py tests/test_lm_cuda.py \
+    -p no:cacheprovider ${PARITY_K:+-k "$PARITY_K"}
 if want sanitizer; then
     if command -v compute-sanitizer >/dev/null; then
         for tool in memcheck racecheck synccheck initcheck; do

@@ -3,7 +3,8 @@
 Three groups:
 
 1. Build check, no GPU needed: every ``kernels/cuda/*.cu`` compiles with nvcc for sm_80 and
-   sm_90 (one nvcc call per file with both ``-gencode``s, files in parallel), warnings as errors.
+   sm_90 (one nvcc call per file with both ``-gencode``s, files in parallel), warnings as errors
+   (:func:`compile_cu_files`, also used for ``kernels/lm`` by tests/test_lm_cuda.py).
    Skipped with a reason when nvcc is absent. A NumPy model of the CUDA tile sort's key
    construction (kernels/cuda/intersect.cu) is also checked against the reference here.
 2. Parity, marked ``cuda`` (skipped without a CUDA device or when the extension cannot be
@@ -51,14 +52,16 @@ NVCC_FLAGS = ["-std=c++17", "-O3", "--fmad=false", "-Werror", "all-warnings"]
 # =============================================================================================
 # 1. Build check (any machine with nvcc)
 # =============================================================================================
-def test_every_cu_file_compiles_for_sm80_and_sm90(tmp_path):
+def compile_cu_files(sources: list[Path], include_dirs: list[Path], tmp_path: Path) -> dict[str, float]:
+    """The CI build check for CUDA sources (also used by tests/test_lm_cuda.py): each file is
+    compiled with nvcc for every arch in ARCHS with NVCC_FLAGS (warnings are errors), files in
+    parallel, and each object must carry SASS for every arch. Skips the calling test when nvcc is
+    absent; returns compile seconds per file."""
     nvcc = cuda_backend.nvcc_path()
     if nvcc is None:
         pytest.skip("nvcc not found (install the CUDA toolkit or set CUDA_HOME) - CUDA sources not compile-checked")
-    sources = sorted((KERNELS / "cuda").glob("*.cu"))
-    assert {"projection.cu", "intersect.cu", "composite.cu"} <= {p.name for p in sources}
     gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in ARCHS]
-    includes = [f"-I{KERNELS / 'include'}", f"-I{KERNELS / 'cuda'}"]
+    includes = [f"-I{folder}" for folder in include_dirs]
 
     def compile_one(src: Path):
         obj = tmp_path / f"{src.stem}.o"
@@ -78,6 +81,13 @@ def test_every_cu_file_compiles_for_sm80_and_sm90(tmp_path):
         for arch in ARCHS:
             assert f"sm_{arch}".encode() in data, f"{name}: no sm_{arch} code in the object"
         print(f"{name}: compiled for sm_{'+sm_'.join(ARCHS)} in {seconds:.1f} s")
+    return {name: seconds for name, _, _, seconds in results}
+
+
+def test_every_cu_file_compiles_for_sm80_and_sm90(tmp_path):
+    sources = sorted((KERNELS / "cuda").glob("*.cu"))
+    assert {"projection.cu", "intersect.cu", "composite.cu"} <= {p.name for p in sources}
+    compile_cu_files(sources, [KERNELS / "include", KERNELS / "cuda"], tmp_path)
 
 
 def _depth_key_model(depths: np.ndarray) -> np.ndarray:

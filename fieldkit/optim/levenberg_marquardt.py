@@ -743,22 +743,32 @@ def make_problem(
     config: LMConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[ParamLayout, Problem, str]:
-    """(layout, problem, backend name) for ``config.backend``; auto prefers the native cache."""
+    """(layout, problem, backend name) for ``config.backend``; auto prefers the native cache.
+
+    The native cache has a CPU and a CUDA build, picked by the parameters' device. When auto
+    cannot use it, the fallback to the torch.func reference is logged once per reason.
+    """
     layout = ParamLayout.of(params)
-    on_cpu = params["means"].device.type == "cpu"
-    if config.backend == "native" and not on_cpu:
-        raise RuntimeError("the native LM gradient cache is CPU-only (no CUDA build); use --gs.lm.backend reference")
-    if config.backend in ("auto", "native") and on_cpu:
+    device = params["means"].device
+    if config.backend in ("auto", "native"):
         try:
+            if device.type not in ("cpu", "cuda"):
+                raise RuntimeError(f"the native LM gradient cache has CPU and CUDA builds only, not {device.type}")
             from fieldkit.optim import lm_native
 
-            problem = lm_native.NativeProblem(layout, cameras, images, sh_degree, background, config)
+            problem = lm_native.NativeProblem(layout, cameras, images, sh_degree, background, config, device=device)
             return layout, problem, "native"
         except (ImportError, RuntimeError, AttributeError) as error:
             if config.backend == "native":
                 raise RuntimeError(f"LM native cache unavailable: {error}") from error
-            log.warning("LM: native gradient cache unavailable (%s); using the torch.func reference", error)
+            message = f"LM: native gradient cache unavailable on {device.type} ({error}); using the torch.func reference"
+            if message not in _fallback_warned:
+                _fallback_warned.add(message)
+                log.warning("%s", message)
     return layout, ReferenceProblem(layout, cameras, images, sh_degree, background, config, generator), "reference"
+
+
+_fallback_warned: set[str] = set()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Native 3DGS-LM gradient cache (CPU): J p, J^T u and diag(J^T J) without re-marching rays.
+"""Native 3DGS-LM gradient cache (CPU and CUDA): J p, J^T u and diag(J^T J) without re-marching rays.
 
 The LM Jacobian of a batch factors as J = D * J_img * J_q:
 
@@ -9,11 +9,13 @@ The LM Jacobian of a batch factors as J = D * J_img * J_q:
   gradient, SH columns as basis values x clamp mask, the sigmoid slope for opacity. J_q p and
   J_q^T g are small einsums: O(pairs), no pixels.
 - J_img: pixel colours w.r.t. q, the expensive part. The extension ``fieldkit_lm_cpu``
-  (``kernels/lm/lm_cache_cpu.cpp``) walks every ray once after the forward and caches, per
-  blended (pixel, pair): the colour weight alpha T, alpha (0 where the 0.999 clamp is active)
-  and dC/dalpha (3), i.e. 3DGS-LM's gradient cache, stored sorted by pair, plus each pixel's
-  entry list. J_img^T u is parallel over pairs, J_img p parallel over pairs then pixels, both
-  without atomics; the 2D derivatives of alpha are recomputed from the pixel position.
+  (``kernels/lm/lm_cache_cpu.cpp``; for CUDA tensors ``fieldkit_lm_cuda``,
+  ``kernels/lm/lm_cache_cuda.cu``, same functions, same cache layout entry for entry) walks every
+  ray once after the forward and caches, per blended (pixel, pair): the colour weight alpha T,
+  alpha (0 where the 0.999 clamp is active) and dC/dalpha (3), i.e. 3DGS-LM's gradient cache,
+  stored sorted by pair, plus each pixel's entry list. J_img^T u is parallel over pairs, J_img p
+  parallel over pairs then pixels, both without atomics; the 2D derivatives of alpha are
+  recomputed from the pixel position.
 - D: per pixel, d r / d colour: the L1 residuals' elementwise slope, and for SSIM the paper's
   approximation that keeps rays independent: the SSIM residual centred on pixel p depends only
   on p's colour, with slope G_p / (2 r_p) where G_p is the exact gradient of the summed
@@ -28,6 +30,11 @@ Memory per batch (float32 parameters): 28 bytes per cache entry (pixel, weight, 
 dC/dalpha x3, the pixel's entry index) + 12 transient in J p, ~100 bytes per pixel, ~600 bytes
 per visible pair (q, J_q blocks, Hessian blocks); ``NativeProblem.bytes_per_image`` counts one
 image's entries with a forward pass so the LM driver can size batches before building anything.
+
+Devices: everything follows the device of the parameters. CPU tensors use ``fieldkit_lm_cpu`` and
+the native CPU rasterizer (projection, its VJP, tile lists); CUDA tensors use ``fieldkit_lm_cuda``
+and the CUDA rasterizer (:mod:`fieldkit.render.backends.cuda`). The two cache builds produce the
+same entries in the same order; the CUDA build needs a GPU, nvcc and a CUDA build of torch.
 
 Build: compiled on first use with :func:`torch.utils.cpp_extension.load` (like the native
 rasterizer, :mod:`fieldkit.render.backends.cpu`), cached under ``$FIELDKIT_CACHE_DIR`` in a
@@ -60,10 +67,16 @@ from fieldkit.render.projection import project_gaussians
 from fieldkit.render.sh import sh_basis, sh_to_rgb
 
 EXTENSION_NAME = "fieldkit_lm_cpu"
+CUDA_EXTENSION_NAME = "fieldkit_lm_cuda"
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-Wno-psabi"]
 LDFLAGS = ["-fopenmp"]
+# No FMA contraction on either side, so per entry the CUDA build computes the CPU build's values.
+CUDA_CFLAGS = ["-O3"]
+CUDA_NVCC_FLAGS = ["-O3", "--fmad=false"]
+_HEADERS = ("include/fieldkit/common.h", "include/fieldkit/composite.h", "include/fieldkit/lm_cache.h")
 _SOURCES = ("lm/lm_cache_cpu.cpp",)
-_HEADERS = ("include/fieldkit/common.h", "include/fieldkit/composite.h")
+_CUDA_SOURCES = ("lm/lm_bindings_cuda.cpp", "lm/lm_cache_cuda.cu")
+_CUDA_HEADERS = ("lm/lm_cache_cuda.cuh", *_HEADERS)
 PAIR_CHUNK = 1 << 15  # pairs per chunk of the J_q products (bounds their temporaries)
 BYTES_PER_ENTRY = 44  # int32 pixel + 5 float32 + int32 pixel->entry, + 12 for the J p buffer
 BYTES_PER_PIXEL = 100
@@ -73,13 +86,51 @@ _EXTENSION = NativeExtension(EXTENSION_NAME, _SOURCES, _HEADERS, cflags=CFLAGS, 
                              what="LM kernel sources (kernels/lm)")
 
 
-def extension() -> ModuleType:
-    """The compiled extension (built on first call); raises RuntimeError with the reason if unavailable."""
-    return _EXTENSION.module()
+def _cuda_requirements() -> str | None:
+    from fieldkit.render.backends import cuda as cuda_backend
+
+    return cuda_backend._requirements()  # CUDA build of torch, a device, nvcc
 
 
-def is_available() -> tuple[bool, str]:
-    return _EXTENSION.is_available()
+def _cuda_key_parts() -> list[str]:
+    from fieldkit.render.backends import cuda as cuda_backend
+
+    return cuda_backend._key_parts()  # torch's CUDA version, nvcc, compute capability, arch list
+
+
+_CUDA_EXTENSION = NativeExtension(CUDA_EXTENSION_NAME, _CUDA_SOURCES, _CUDA_HEADERS, cflags=CUDA_CFLAGS,
+                                  cuda_cflags=CUDA_NVCC_FLAGS, include_dirs=("include", "lm"),
+                                  what="LM CUDA kernel sources (kernels/lm)", requirements=_cuda_requirements,
+                                  key_parts=_cuda_key_parts)
+
+
+def _is_cuda(device: torch.device | str | None) -> bool:
+    return device is not None and torch.device(device).type == "cuda"
+
+
+def extension(device: torch.device | str | None = None) -> ModuleType:
+    """The compiled extension for ``device`` (CPU by default; CUDA devices get ``fieldkit_lm_cuda``),
+    built on first call; raises RuntimeError with the reason if unavailable."""
+    return (_CUDA_EXTENSION if _is_cuda(device) else _EXTENSION).module()
+
+
+def is_available(device: torch.device | str | None = None) -> tuple[bool, str]:
+    return (_CUDA_EXTENSION if _is_cuda(device) else _EXTENSION).is_available()
+
+
+def rasterizer(device: torch.device | str | None = None):
+    """The native rasterizer backend module for ``device`` (projection, its VJP, tile lists):
+    :mod:`fieldkit.render.backends.cpu` or :mod:`fieldkit.render.backends.cuda`."""
+    if _is_cuda(device):
+        from fieldkit.render.backends import cuda as backend
+    else:
+        from fieldkit.render.backends import cpu as backend
+    return backend
+
+
+def _intersect(device: torch.device | str | None):
+    backend = rasterizer(device)
+    return backend.intersect_tiles_cuda if _is_cuda(device) else backend.intersect_tiles_cpu
 
 
 # ---------------------------------------------------------------------------------------------
@@ -102,25 +153,25 @@ class Pairs:
 def visible_pairs(params: dict[str, Tensor], cameras: Cameras, sh_degree: int | None = None):
     """(pairs, tile lists over pair ids, q [V,9] or None) at ``params``.
 
-    No gradients; native projection and binning. q (2D mean, conic, opacity, RGB per visible
-    pair) is computed when ``sh_degree`` is given.
+    No gradients; native projection and binning on the parameters' device (CPU or CUDA). q (2D
+    mean, conic, opacity, RGB per visible pair) is computed when ``sh_degree`` is given.
     """
-    from fieldkit.render.backends import cpu as cpu_backend
-
-    rast = cpu_backend.extension()
+    device = params["means"].device
+    rast = rasterizer(device).extension()
     with torch.no_grad():
         means, quats, scales, _, _ = activated({k: v.detach() for k, v in params.items()})
         dtype = means.dtype
         m2d, conics, depths, radii = rast.project_forward(
-            means.contiguous(), quats.contiguous(), scales.contiguous(), cameras.world_to_cam.to(dtype).contiguous(),
-            cameras.K.to(dtype).contiguous(), cameras.width, cameras.height, 0.3, 0.01, 1e10,
+            means.contiguous(), quats.contiguous(), scales.contiguous(),
+            cameras.world_to_cam.to(device=device, dtype=dtype).contiguous(),
+            cameras.K.to(device=device, dtype=dtype).contiguous(), cameras.width, cameras.height, 0.3, 0.01, 1e10,
         )
-        isect = cpu_backend.intersect_tiles_cpu(m2d, radii, depths, cameras.width, cameras.height)
+        isect = _intersect(device)(m2d, radii, depths, cameras.width, cameras.height)
     visible = (radii[..., 0] > 0).flatten()
     C, N = depths.shape
     flat = torch.nonzero(visible).flatten()  # camera-major: grouped by camera
-    flat_to_pair = torch.full((C * N,), -1, dtype=torch.int64)
-    flat_to_pair[flat] = torch.arange(flat.numel())
+    flat_to_pair = torch.full((C * N,), -1, dtype=torch.int64, device=device)
+    flat_to_pair[flat] = torch.arange(flat.numel(), device=device)
     camera, gaussian = flat // N, flat % N
     counts = torch.bincount(camera, minlength=C)
     bounds = [0] + torch.cumsum(counts, 0).tolist()
@@ -130,11 +181,11 @@ def visible_pairs(params: dict[str, Tensor], cameras: Cameras, sh_degree: int | 
         return pairs, isect, None
     with torch.no_grad():
         _, _, _, opacities, sh = activated({k: v.detach() for k, v in params.items()})
-        q = torch.empty(flat.numel(), 9, dtype=dtype)
+        q = torch.empty(flat.numel(), 9, dtype=dtype, device=device)
         q[:, 0:2] = m2d.reshape(-1, 2)[flat]
         q[:, 2:5] = conics.reshape(-1, 3)[flat]
         q[:, 5] = opacities[gaussian]
-        centers = cameras.centers.to(dtype)
+        centers = cameras.centers.to(device=device, dtype=dtype)
         for lo in range(0, flat.numel(), PAIR_CHUNK):
             hi = min(lo + PAIR_CHUNK, flat.numel())
             g = gaussian[lo:hi]
@@ -189,7 +240,7 @@ class PairJacobian:
         V, L = g.numel(), self.basis.shape[1]
         geo = torch.cat([p["means"], p["quats"], p["log_scales"]], dim=1)
         sh = torch.cat([p["sh_dc"], p["sh_rest"]], dim=1) if "sh_rest" in p else p["sh_dc"]
-        out = torch.empty(V, 9, dtype=geo.dtype)
+        out = torch.empty(V, 9, dtype=geo.dtype, device=geo.device)
         for lo in range(0, V, PAIR_CHUNK):
             hi = min(lo + PAIR_CHUNK, V)
             gi = g[lo:hi]
@@ -205,8 +256,8 @@ class PairJacobian:
         g = self.gaussian
         V, L = g.numel(), self.basis.shape[1]
         N = like["means"].shape[0]
-        geo = torch.zeros(N, 10, dtype=gq.dtype)
-        sh = torch.zeros(N, L, 3, dtype=gq.dtype)
+        geo = torch.zeros(N, 10, dtype=gq.dtype, device=gq.device)
+        sh = torch.zeros(N, L, 3, dtype=gq.dtype, device=gq.device)
         for lo in range(0, V, PAIR_CHUNK):
             hi = min(lo + PAIR_CHUNK, V)
             gi = g[lo:hi]
@@ -216,7 +267,8 @@ class PairJacobian:
             sh.index_add_(0, gi, self.basis[lo:hi, :, None] * (self.mask[lo:hi] * gq[lo:hi, 6:])[:, None, :])
         out = {k: torch.zeros_like(v) for k, v in like.items()}
         out["means"], out["quats"], out["log_scales"] = geo[:, :3], geo[:, 3:7], geo[:, 7:]
-        out["opacity_logits"] = torch.zeros(N, dtype=gq.dtype).index_add_(0, g, gq[:, 5]) * self.opacity_slope
+        opacity = torch.zeros(N, dtype=gq.dtype, device=gq.device).index_add_(0, g, gq[:, 5])
+        out["opacity_logits"] = opacity * self.opacity_slope
         out["sh_dc"] = sh[:, :1].clone()
         if "sh_rest" in out and L > 1:
             out["sh_rest"][:, : L - 1] = sh[:, 1:]
@@ -227,16 +279,16 @@ class PairJacobian:
         g = self.gaussian
         V, L = g.numel(), self.basis.shape[1]
         N = like["means"].shape[0]
-        rows, cols = torch.triu_indices(9, 9)
-        geo = torch.zeros(N, 10, dtype=H.dtype)
-        sh = torch.zeros(N, L, 3, dtype=H.dtype)
+        rows, cols = torch.triu_indices(9, 9, device=H.device)
+        geo = torch.zeros(N, 10, dtype=H.dtype, device=H.device)
+        sh = torch.zeros(N, L, 3, dtype=H.dtype, device=H.device)
         color_idx = [_packed(6 + c, 6 + c) for c in range(3)]
         for lo in range(0, V, PAIR_CHUNK):
             hi = min(lo + PAIR_CHUNK, V)
-            full = torch.zeros(hi - lo, 9, 9, dtype=H.dtype)
+            full = torch.zeros(hi - lo, 9, 9, dtype=H.dtype, device=H.device)
             full[:, rows, cols] = H[lo:hi]
             full[:, cols, rows] = H[lo:hi]
-            P = torch.zeros(hi - lo, 9, 10, dtype=H.dtype)
+            P = torch.zeros(hi - lo, 9, 10, dtype=H.dtype, device=H.device)
             P[:, :5] = self.geometry[lo:hi]
             P[:, 6:, :3] = self.color_means[lo:hi]
             geo.index_add_(0, g[lo:hi], torch.einsum("vqj,vqr,vrj->vj", P, full, P))
@@ -244,7 +296,8 @@ class PairJacobian:
             sh.index_add_(0, g[lo:hi], self.basis[lo:hi, :, None] ** 2 * color[:, None, :])
         out = {k: torch.zeros_like(v) for k, v in like.items()}
         out["means"], out["quats"], out["log_scales"] = geo[:, :3], geo[:, 3:7], geo[:, 7:]
-        out["opacity_logits"] = torch.zeros(N, dtype=H.dtype).index_add_(0, g, H[:, _packed(5, 5)]) * self.opacity_slope**2
+        opacity = torch.zeros(N, dtype=H.dtype, device=H.device).index_add_(0, g, H[:, _packed(5, 5)])
+        out["opacity_logits"] = opacity * self.opacity_slope**2
         out["sh_dc"] = sh[:, :1].clone()
         if "sh_rest" in out and L > 1:
             out["sh_rest"][:, : L - 1] = sh[:, 1:]
@@ -288,24 +341,25 @@ def sh_basis_gradient(degree: int, dirs: Tensor) -> Tensor:
 def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_degree: int) -> PairJacobian:
     """Per-pair blocks of d q / d parameters at ``params``.
 
-    Geometry: the native rasterizer's projection VJP (``fieldkit_cpu.project_backward``), called
-    per camera on the visible Gaussians repeated 5 times with one-hot cotangents (one per output
-    row), so each pair gets its own rows. Colour w.r.t. means: three forward-mode products of
-    the SH evaluation; w.r.t. SH: the basis values.
+    Geometry: the native rasterizer's projection VJP (``project_backward`` of ``fieldkit_cpu`` or,
+    for CUDA parameters, ``fieldkit_cuda``), called per camera on the visible Gaussians repeated 5
+    times with one-hot cotangents (one per output row), so each pair gets its own rows (one
+    camera: no two rows accumulate into the same output, so the CUDA build's atomics are exact).
+    Colour w.r.t. means: three forward-mode products of the SH evaluation; w.r.t. SH: the basis values.
     """
-    from fieldkit.render.backends import cpu as cpu_backend
-
-    rast = cpu_backend.extension()
+    device = params["means"].device
+    rast = rasterizer(device).extension()
     with torch.no_grad():
         means, quats, scales, opacities, sh = activated({k: v.detach() for k, v in params.items()})
         dtype = means.dtype
         V, L = pairs.count, (sh_degree + 1) ** 2
-        geometry = torch.empty(V, 5, 10, dtype=dtype)
-        color_means = torch.empty(V, 3, 3, dtype=dtype)
-        basis = torch.empty(V, L, dtype=dtype)
-        mask = torch.empty(V, 3, dtype=dtype)
-        w2c, K, centers = cameras.world_to_cam.to(dtype), cameras.K.to(dtype), cameras.centers.to(dtype)
-        eye = torch.eye(5, dtype=dtype)
+        like = dict(dtype=dtype, device=device)
+        geometry = torch.empty(V, 5, 10, **like)
+        color_means = torch.empty(V, 3, 3, **like)
+        basis = torch.empty(V, L, **like)
+        mask = torch.empty(V, 3, **like)
+        w2c, K, centers = (t.to(**like) for t in (cameras.world_to_cam, cameras.K, cameras.centers))
+        eye = torch.eye(5, **like)
         for c in range(len(cameras)):
             lo, hi = pairs.bounds[c], pairs.bounds[c + 1]
             n = hi - lo
@@ -318,7 +372,7 @@ def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_
             cot = eye.repeat_interleave(n, dim=0)[None]  # [1, 5n, 5]: block r has cotangent e_r
             v_means, v_quats, v_scales, _ = rast.project_backward(
                 m5, q5, s5, cam_w2c, cam_K, cameras.width, cameras.height, 0.3, radii,
-                cot[..., :2].contiguous(), cot[..., 2:].contiguous(), torch.zeros(1, 5 * n, dtype=dtype), False,
+                cot[..., :2].contiguous(), cot[..., 2:].contiguous(), torch.zeros(1, 5 * n, **like), False,
             )
             geometry[lo:hi, :, 0:3] = v_means.reshape(5, n, 3).transpose(0, 1)
             geometry[lo:hi, :, 3:7] = v_quats.reshape(5, n, 4).transpose(0, 1)
@@ -333,7 +387,7 @@ def pair_jacobian(params: dict[str, Tensor], cameras: Cameras, pairs: Pairs, sh_
             mask[lo:hi] = (raw >= 0).to(dtype)
             # d rgb / d mean = mask * sum_l coeff_l (grad Y_l)^T (I - d d^T) / |offset|  (normalisation chained)
             d_rgb_d_dir = torch.einsum("vlc,vlk->vck", coeffs, sh_basis_gradient(sh_degree, dirs))  # [n,3,3]
-            projector = (torch.eye(3, dtype=dtype) - dirs[:, :, None] * dirs[:, None, :]) / norm.clamp_min(1e-12)[..., None]
+            projector = (torch.eye(3, **like) - dirs[:, :, None] * dirs[:, None, :]) / norm.clamp_min(1e-12)[..., None]
             color_means[lo:hi] = mask[lo:hi, :, None] * (d_rgb_d_dir @ projector)
         slope = opacities * (1 - opacities)
     return PairJacobian(pairs.gaussian, geometry, color_means, basis, mask, slope)
@@ -349,7 +403,7 @@ class NativeLinearization:
         self.problem = problem
         self.theta = theta.detach()
         self.num_images = len(images)
-        ext = extension()
+        ext = self._ext = extension(self.theta.device)
         cfg = problem.config
         cams = problem.cameras[list(images)]
         self.cameras = cams
@@ -399,13 +453,13 @@ class NativeLinearization:
     # image-space products -------------------------------------------------------------------
     def jvp_image(self, p: Tensor) -> Tensor:
         dq = self.jq.jvp(self.problem.layout.unflatten(p.to(self.theta))).contiguous()
-        d_img = extension().cache_jvp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
-                                      self.e_dc, self.pixel_offsets, self.pix_entries, dq, self.W, self.H)
+        d_img = self._ext.cache_jvp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
+                                    self.e_dc, self.pixel_offsets, self.pix_entries, dq, self.W, self.H)
         return d_img.reshape(self.image.shape)
 
     def _pull(self, u_img: Tensor) -> Tensor:
-        gq = extension().cache_vjp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
-                                   self.e_dc, u_img.reshape(-1, 3).contiguous().to(self.theta), self.W, self.H)
+        gq = self._ext.cache_vjp(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
+                                 self.e_dc, u_img.reshape(-1, 3).contiguous().to(self.theta), self.W, self.H)
         return self.problem.layout.flatten(self.jq.vjp(gq, self._like))
 
     # residual-space products (the LM driver's interface) ------------------------------------------
@@ -423,22 +477,22 @@ class NativeLinearization:
         u_img = self.d1 * u[:n1].reshape(self.image.shape)
         if self.ssim_row is not None:
             r = SSIM_WINDOW // 2
-            us = torch.zeros(self.image.shape[:-1], dtype=u.dtype)
+            us = torch.zeros(self.image.shape[:-1], dtype=u.dtype, device=u.device)
             us[:, r : r + self._ssim_shape[1], r : r + self._ssim_shape[2]] = u[n1:].reshape(self._ssim_shape)
             u_img = u_img + self.ssim_row * us[..., None]
         return self._pull(u_img)
 
     def diag_jtj(self) -> Tensor:
         if self._diag is None:
-            H = extension().hessian_blocks(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w, self.e_a,
-                                           self.e_dc, self._pixel_weights(), self.W, self.H)
+            H = self._ext.hessian_blocks(self.m2d, self.conic, self.opac, self.pair_offsets, self.e_pix, self.e_w,
+                                         self.e_a, self.e_dc, self._pixel_weights(), self.W, self.H)
             self._diag = self.problem.layout.flatten(self.jq.diag(H, self._like))
         return self._diag
 
     def _pixel_weights(self) -> Tensor:
         """D_p^T D_p per pixel as (w00, w01, w02, w11, w12, w22)."""
         d = self.d1.reshape(-1, 3)
-        W = torch.zeros(d.shape[0], 6, dtype=d.dtype)
+        W = torch.zeros(d.shape[0], 6, dtype=d.dtype, device=d.device)
         W[:, 0], W[:, 3], W[:, 5] = d[:, 0] ** 2, d[:, 1] ** 2, d[:, 2] ** 2
         if self.ssim_row is not None:
             s = self.ssim_row.reshape(-1, 3)
@@ -462,13 +516,17 @@ def _packed(r: int, c: int) -> int:
 
 
 class NativeProblem:
-    """Same interface as :class:`fieldkit.optim.levenberg_marquardt.ReferenceProblem`, on the gradient cache."""
+    """Same interface as :class:`fieldkit.optim.levenberg_marquardt.ReferenceProblem`, on the gradient cache.
 
-    def __init__(self, layout: ParamLayout, cameras: Cameras, images: Tensor, sh_degree: int, background: Tensor, config: LMConfig):
-        extension()  # raises RuntimeError when the extension cannot be built
-        from fieldkit.render.backends import cpu as cpu_backend
+    ``device`` (default: that of ``images``) picks the builds: CPU or CUDA cache and rasterizer;
+    the parameter vectors handed to the methods must live there.
+    """
 
-        cpu_backend.extension()  # the projection VJP comes from the native rasterizer
+    def __init__(self, layout: ParamLayout, cameras: Cameras, images: Tensor, sh_degree: int, background: Tensor,
+                 config: LMConfig, device: torch.device | str | None = None):
+        self.device = torch.device(device) if device is not None else images.device
+        extension(self.device)  # raises RuntimeError when the extension cannot be built
+        rasterizer(self.device).extension()  # the projection and its VJP come from the native rasterizer
         self.layout = layout
         self.cameras = cameras
         self.images = images
@@ -484,7 +542,7 @@ class NativeProblem:
             params = self.layout.unflatten(theta.detach())
             pairs, isect, q = visible_pairs(params, cams, self.sh_degree)
             bg = self.background.to(theta).expand(len(cams), 3).contiguous()
-            out = extension().build_cache(
+            out = extension(theta.device).build_cache(
                 q[:, 0:2].contiguous(), q[:, 2:5].contiguous(), q[:, 5].contiguous(), q[:, 6:9].contiguous(), bg,
                 isect.gaussian_ids.contiguous(), isect.tile_offsets.contiguous(), cams.width, cams.height, isect.tiles_x,
                 isect.tiles_y, isect.tile_size, False,

@@ -23,7 +23,9 @@
 // The build is two splat-outer passes per tile (like the native forward): pass 1 counts entries
 // per pixel and per tile-list slot, which fixes every entry's position in pair order; pass 2
 // writes them there directly (no temporary copy) and sweeps each pixel back to front.
-// All results are deterministic for any thread count.
+// All results are deterministic for any thread count. The per-entry math (dC/dalpha sweep, J p,
+// J^T u and Hessian terms) is kernels/include/fieldkit/lm_cache.h, shared with the CUDA build
+// (kernels/lm/lm_cache_cuda.cu), which produces the same cache layout, entry for entry.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -35,6 +37,7 @@
 #include <vector>
 
 #include "fieldkit/composite.h"
+#include "fieldkit/lm_cache.h"
 
 namespace {
 
@@ -232,12 +235,8 @@ std::vector<Tensor> build_cache(Tensor means2d, Tensor conics, Tensor opac, Tens
                         const bool clamped = pa[k] < T(0);
                         const T alpha = clamped ? -pa[k] : pa[k];
                         const T Tb = pw[k];
-                        const T wgt = alpha * Tb;
-                        for (int d = 0; d < 3; ++d) {
-                            pdc[3 * k + d] = Tb * c[d] - S[d] / (T(1) - alpha);
-                            S[d] += wgt * c[d];
-                        }
-                        pw[k] = wgt;
+                        fieldkit::lm::sweep_entry(alpha, Tb, c, S, pdc + 3 * k);
+                        pw[k] = alpha * Tb;
                         pa[k] = clamped ? T(0) : alpha;
                     }
                 }
@@ -247,16 +246,6 @@ std::vector<Tensor> build_cache(Tensor means2d, Tensor conics, Tensor opac, Tens
     };
     if (dtype == at::kFloat) body(float{}); else body(double{});
     return out;
-}
-
-// d(sigma) and its partials at offset (dx, dy) for conic (a, b, c).
-template <typename T>
-inline void sigma_partials(T dx, T dy, T a, T b, T c, T g[5]) {
-    g[0] = a * dx + b * dy;      // d sigma / d mean x
-    g[1] = b * dx + c * dy;      // d sigma / d mean y
-    g[2] = T(0.5) * dx * dx;     // d sigma / d a
-    g[3] = dx * dy;              // d sigma / d b
-    g[4] = T(0.5) * dy * dy;     // d sigma / d c
 }
 
 // J_img p: image tangent [P,3] from per-pair tangents dq [V,9] (mean 2, conic 3, opacity 1, rgb 3).
@@ -284,12 +273,10 @@ Tensor cache_jvp(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_offsets
             const T mx = m[2 * i], my = m[2 * i + 1], ca = cn[3 * i], cb = cn[3 * i + 1], cc = cn[3 * i + 2];
             const T dop = qi[5] / op[i];
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
-                const int64_t local = px_of[k] % HW;
-                T g[5];
-                sigma_partials<T>(mx - (T(local % width) + T(0.5)), my - (T(local / width) + T(0.5)), ca, cb, cc, g);
-                const T dsigma = g[0] * qi[0] + g[1] * qi[1] + g[2] * qi[2] + g[3] * qi[3] + g[4] * qi[4];
-                const T dalpha = a[k] * (dop - dsigma);
-                for (int d = 0; d < 3; ++d) ct[3 * k + d] = dc[3 * k + d] * dalpha + w[k] * qi[6 + d];
+                T dx, dy, g[5];
+                fieldkit::lm::pixel_offset(mx, my, int64_t(px_of[k]) % HW, width, &dx, &dy);
+                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                fieldkit::lm::entry_jvp(g, qi, dop, a[k], w[k], dc + 3 * k, ct + 3 * k);
             }
         }
 #pragma omp parallel for num_threads(nt) schedule(static, 256)
@@ -328,15 +315,10 @@ Tensor cache_vjp(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_offsets
             const T mx = m[2 * i], my = m[2 * i + 1], ca = cn[3 * i], cb = cn[3 * i + 1], cc = cn[3 * i + 2];
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
                 const int64_t p = px_of[k];
-                const int64_t local = p % HW;
-                const T* up = uu + 3 * p;
-                const T galpha = dc[3 * k] * up[0] + dc[3 * k + 1] * up[1] + dc[3 * k + 2] * up[2];
-                T g[5];
-                sigma_partials<T>(mx - (T(local % width) + T(0.5)), my - (T(local / width) + T(0.5)), ca, cb, cc, g);
-                const T gsigma = -galpha * a[k];
-                for (int j = 0; j < 5; ++j) acc[j] += gsigma * g[j];
-                acc[5] += galpha * a[k];
-                for (int d = 0; d < 3; ++d) acc[6 + d] += w[k] * up[d];
+                T dx, dy, g[5];
+                fieldkit::lm::pixel_offset(mx, my, p % HW, width, &dx, &dy);
+                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                fieldkit::lm::entry_vjp(g, a[k], w[k], dc + 3 * k, uu + 3 * p, acc);
             }
             acc[5] /= op[i];
             for (int j = 0; j < 9; ++j) o[9 * i + j] = T(acc[j]);
@@ -370,28 +352,10 @@ Tensor hessian_blocks(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_of
             const double inv_op = 1.0 / double(op[i]);
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
                 const int64_t p = px_of[k];
-                const int64_t local = p % HW;
-                const T* wp = W6 + 6 * p;
-                const double Wm[3][3] = {{wp[0], wp[1], wp[2]}, {wp[1], wp[3], wp[4]}, {wp[2], wp[4], wp[5]}};
-                T g[5];
-                sigma_partials<T>(mx - (T(local % width) + T(0.5)), my - (T(local / width) + T(0.5)), ca, cb, cc, g);
-                double G[6];  // d alpha / d (mean x, mean y, a, b, c, opacity)
-                for (int j = 0; j < 5; ++j) G[j] = -double(a[k]) * g[j];
-                G[5] = double(a[k]) * inv_op;
-                const double d[3] = {dc[3 * k], dc[3 * k + 1], dc[3 * k + 2]};
-                double Wd[3];
-                for (int r = 0; r < 3; ++r) Wd[r] = Wm[r][0] * d[0] + Wm[r][1] * d[1] + Wm[r][2] * d[2];
-                const double s = d[0] * Wd[0] + d[1] * Wd[1] + d[2] * Wd[2];
-                const double we = w[k];
-                for (int r = 0; r < 6; ++r) {
-                    const double sg = s * G[r];
-                    for (int c = r; c < 6; ++c) H[r][c] += sg * G[c];
-                    const double gw = G[r] * we;
-                    for (int c = 0; c < 3; ++c) H[r][6 + c] += gw * Wd[c];
-                }
-                const double w2 = we * we;
-                for (int r = 0; r < 3; ++r)
-                    for (int c = r; c < 3; ++c) H[6 + r][6 + c] += w2 * Wm[r][c];
+                T dx, dy, g[5];
+                fieldkit::lm::pixel_offset(mx, my, p % HW, width, &dx, &dy);
+                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                fieldkit::lm::entry_hessian(g, a[k], inv_op, w[k], dc + 3 * k, W6 + 6 * p, H);
             }
             int t = 0;
             for (int r = 0; r < 9; ++r)
