@@ -84,10 +84,12 @@ def _cuda_include_dir(nvcc: str) -> Path | None:
     return next((c for c in candidates if (c / "cuda_runtime_api.h").is_file()), None)
 
 
-def test_lm_cuda_glue_compiles_as_cpp():
-    """The torch glue (g++ side of the extension) compiles against this torch's headers (syntax
-    and template instantiation only; a CPU build of torch ships c10/cuda without its generated
-    CMake macros, hence C10_CUDA_NO_CMAKE_CONFIGURE_FILE)."""
+@pytest.mark.parametrize("glue, name", [("lm/lm_bindings_cuda.cpp", "fieldkit_lm_cuda"), ("bindings/cuda_bindings.cpp", "fieldkit_cuda")])
+def test_cuda_glue_compiles_as_cpp(glue, name):
+    """The torch glue (g++ side) of the LM cache and of the rasterizer, which share
+    bindings/cuda_glue.h, compiles against this torch's headers (syntax and template instantiation
+    only; a CPU build of torch ships c10/cuda without its generated CMake macros, hence
+    C10_CUDA_NO_CMAKE_CONFIGURE_FILE)."""
     from torch.utils.cpp_extension import include_paths
 
     from fieldkit.native_build import compiler_path
@@ -101,8 +103,9 @@ def test_lm_cuda_glue_compiles_as_cpp():
         pytest.skip("CUDA headers not found (no nvcc / CUDA_HOME)")
     includes = [*include_paths(), sysconfig.get_paths()["include"], str(cuda_include)]
     cmd = [cxx, "-std=c++17", "-fsyntax-only", "-Wall", "-Wextra", "-Werror", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-           "-DTORCH_EXTENSION_NAME=fieldkit_lm_cuda", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           *[f"-isystem{p}" for p in includes], f"-I{KERNELS / 'lm'}", str(KERNELS / "lm" / "lm_bindings_cuda.cpp")]
+           f"-DTORCH_EXTENSION_NAME={name}", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *[f"-isystem{p}" for p in includes], f"-I{KERNELS / 'include'}", f"-I{KERNELS / 'lm'}", f"-I{KERNELS / 'cuda'}",
+           str(KERNELS / glue)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
 

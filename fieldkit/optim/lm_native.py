@@ -76,7 +76,7 @@ CUDA_NVCC_FLAGS = ["-O3", "--fmad=false"]
 _HEADERS = ("include/fieldkit/common.h", "include/fieldkit/composite.h", "include/fieldkit/lm_cache.h")
 _SOURCES = ("lm/lm_cache_cpu.cpp",)
 _CUDA_SOURCES = ("lm/lm_bindings_cuda.cpp", "lm/lm_cache_cuda.cu")
-_CUDA_HEADERS = ("lm/lm_cache_cuda.cuh", *_HEADERS)
+_CUDA_HEADERS = ("lm/lm_cache_cuda.cuh", "bindings/cuda_glue.h", *_HEADERS)
 PAIR_CHUNK = 1 << 15  # pairs per chunk of the J_q products (bounds their temporaries)
 BYTES_PER_ENTRY = 44  # int32 pixel + 5 float32 + int32 pixel->entry, + 12 for the J p buffer
 BYTES_PER_PIXEL = 100

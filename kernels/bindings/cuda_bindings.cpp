@@ -18,27 +18,17 @@
 #include <vector>
 
 #include "../cuda/rasterize_cuda.cuh"
+#include "cuda_glue.h"
 
 namespace {
 
 using at::Tensor;
 
-void check_cuda(const Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK(t.device() == device, name, " is on ", t.device(), ", expected ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
+using fieldkit::glue::check_cuda;
+using fieldkit::glue::check_shape;
+using fieldkit::glue::current_stream;
 
-void check_shape(const Tensor& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
-}
-
-void ok(cudaError_t status, const char* what) {
-    TORCH_CHECK(status == cudaSuccess, "fieldkit CUDA ", what, " failed: ", cudaGetErrorString(status));
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+void ok(cudaError_t status, const char* what) { fieldkit::glue::check_status(status, "fieldkit CUDA", what); }
 
 std::vector<Tensor> project_forward(Tensor means, Tensor quats, Tensor scales, Tensor viewmats, Tensor Ks, int64_t width,
                                     int64_t height, double eps2d, double near_plane, double far_plane) {

@@ -16,6 +16,7 @@
 #include <utility>
 #include <vector>
 
+#include "../bindings/cuda_glue.h"
 #include "lm_cache_cuda.cuh"
 
 namespace {
@@ -23,22 +24,11 @@ namespace {
 using at::Tensor;
 namespace lmc = fieldkit::lm::cuda;
 
-void check_cuda(const Tensor& t, const char* name, at::ScalarType dtype, const at::Device& device) {
-    TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor");
-    TORCH_CHECK(t.device() == device, name, " is on ", t.device(), ", expected ", device);
-    TORCH_CHECK(t.scalar_type() == dtype, name, " must have dtype ", dtype, ", got ", t.scalar_type());
-    TORCH_CHECK(t.is_contiguous(), name, " must be contiguous");
-}
+using fieldkit::glue::check_cuda;
+using fieldkit::glue::check_shape;
+using fieldkit::glue::current_stream;
 
-void check_shape(const Tensor& t, const char* name, std::vector<int64_t> shape) {
-    TORCH_CHECK(t.sizes().vec() == shape, name, " has shape ", t.sizes(), ", expected ", at::IntArrayRef(shape));
-}
-
-void ok(cudaError_t status, const char* what) {
-    TORCH_CHECK(status == cudaSuccess, "fieldkit LM CUDA ", what, " failed: ", cudaGetErrorString(status));
-}
-
-cudaStream_t current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+void ok(cudaError_t status, const char* what) { fieldkit::glue::check_status(status, "fieldkit LM CUDA", what); }
 
 at::ScalarType float_dtype(const Tensor& means2d) {
     const auto dtype = means2d.scalar_type();

@@ -37,6 +37,7 @@ CUDA_FLAGS = ["-O3", "--use_fast_math"] if FAST_MATH else ["-O3", "--fmad=false"
 _SOURCES = ("bindings/cuda_bindings.cpp", "cuda/projection.cu", "cuda/intersect.cu", "cuda/composite.cu")
 _HEADERS = (
     "cuda/rasterize_cuda.cuh",
+    "bindings/cuda_glue.h",
     "include/fieldkit/common.h",
     "include/fieldkit/projection.h",
     "include/fieldkit/composite.h",
