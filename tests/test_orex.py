@@ -230,7 +230,7 @@ def test_ensemble_averages_networks_trained_as_single_runs(tmp_path):
     its field is their mean logit; its checkpoint round-trips, and a single-network checkpoint loads into it."""
     cs = slice_mesh(trimesh.creation.icosphere(radius=0.8), 5, "random", seed=1)
     ensemble = OReX(small_config(ensemble=2), cs, max_steps=8, seed=3)
-    singles = [OReX(small_config(), cs, max_steps=8, seed=s) for s in (3, 4)]
+    singles = [OReX(small_config(ensemble=1), cs, max_steps=8, seed=s) for s in (3, 4)]
     stats = train(ensemble, 4)
     single_stats = [train(m, 4) for m in singles]
     assert stats["loss"] == pytest.approx(np.mean([s["loss"] for s in single_stats]), rel=1e-6)
