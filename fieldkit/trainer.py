@@ -208,7 +208,11 @@ class Trainer:
                     elapsed = time.perf_counter() - started
                     record = {"step": step, **stats, **extra, "elapsed_s": round(elapsed, 3)}
                     self._log(record)
-                    postfix = {"loss": f"{stats['loss']:.4f}", "psnr": f"{stats.get('psnr', float('nan')):.2f}"}
+                    postfix = {"loss": f"{stats['loss']:.4f}"}
+                    if "psnr" in stats:  # image methods; shape methods (orex) report their batch accuracy
+                        postfix["psnr"] = f"{stats['psnr']:.2f}"
+                    elif "accuracy" in stats:
+                        postfix["accuracy"] = f"{stats['accuracy']:.4f}"
                     postfix.update({k: int(v) for k, v in extra.items()})
                     if last_eval:
                         postfix["eval_psnr"] = f"{last_eval['eval_psnr']:.2f}"
