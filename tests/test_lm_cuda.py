@@ -410,8 +410,9 @@ def test_cuda_linearization_matches_cpu(gpu_problem):
 def test_cuda_lm_uses_the_native_cache_and_reduces_the_cost(gpu_problem):
     problem, theta, _, dev = gpu_problem
     params = {k: v.cuda() for k, v in problem.layout.unflatten(theta).items()}
+    backend = "auto" if lm_native.CUDA_CACHE_VERIFIED else "native"  # auto picks it once verified on a GPU
     _, chosen, name = lm.make_problem(params, problem.cameras.to("cuda"), problem.images.cuda(), 1,
-                                      problem.background.cuda(), LMConfig())
+                                      problem.background.cuda(), LMConfig(backend=backend))
     assert name == "native" and isinstance(chosen, lm_native.NativeProblem) and chosen.device.type == "cuda"
     cfg = LMConfig(batch_images=1, num_batches=2, initial_damping=1e-2)
     dev.config = cfg

@@ -756,6 +756,9 @@ def make_problem(
                 raise RuntimeError(f"the native LM gradient cache has CPU and CUDA builds only, not {device.type}")
             from fieldkit.optim import lm_native
 
+            if device.type == "cuda" and config.backend == "auto" and not lm_native.CUDA_CACHE_VERIFIED:
+                raise RuntimeError("its CUDA build has not yet been run on a GPU (parity tests pending); "
+                                   "--gs.lm.backend native uses it anyway")
             problem = lm_native.NativeProblem(layout, cameras, images, sh_degree, background, config, device=device)
             return layout, problem, "native"
         except (ImportError, RuntimeError, AttributeError) as error:
