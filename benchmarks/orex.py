@@ -52,7 +52,7 @@ def find_input(name: str) -> Path:
 def run_orex(cs, steps: int, resolution: int, seed: int = 0, log_every: int = 250, ensemble: int | None = None):
     torch.manual_seed(seed)
     np.random.seed(seed)
-    config = OReXConfig(mesh_resolution=resolution) if ensemble is None else OReXConfig(mesh_resolution=resolution, ensemble=ensemble)
+    config = OReXConfig(mesh_resolution=resolution, ensemble=ensemble or OReXConfig.ensemble)
     method = OReX(config, cs, max_steps=steps, seed=seed)
     wall, cpu = time.perf_counter(), time.process_time()
     for step in range(steps):
@@ -110,7 +110,7 @@ def main() -> int:
     parser.add_argument("--skip-table", action="store_true", help="only make the pictures")
     args = parser.parse_args()
 
-    ensemble = args.ensemble or OReXConfig().ensemble
+    ensemble = args.ensemble or OReXConfig.ensemble
     print(f"torch {torch.__version__}; OReX: {ensemble} network(s), one thread each; CPU count {os.cpu_count()}; load average {os.getloadavg()[0]:.1f}")
     rows = []
     for name in [] if args.skip_table else args.inputs:

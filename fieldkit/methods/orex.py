@@ -185,15 +185,17 @@ class OReX(Method):
     def field_normalised(self, points: np.ndarray) -> np.ndarray:
         """Last-pass logit (> 0 inside) in the normalised frame, averaged over the ensemble's networks and
         clipped to the padded hull of the contours."""
+        self._eval_mode()
         x = torch.from_numpy(np.asarray(points)).to(self.dtype)
-        logits = np.zeros(len(x))
-        for model in self.models:
-            model.eval()
-            logits += model.logits(x).double().numpy()
-        logits /= len(self.members)
+        logits = torch.stack([model.logits(x) for model in self.models]).mean(dim=0).double().numpy()
         return np.minimum(logits, -self.config.hinge_alpha * self.hull.signed_distance(points))
 
+    def _eval_mode(self) -> None:
+        for model in self.models:
+            model.eval()
+
     def _mean_logit(self, x: Tensor) -> Tensor:
+        """Differentiable last-pass logit averaged over the networks (the field the mesher follows)."""
         return torch.stack([model(x, all_passes=False) for model in self.models]).mean(dim=0)
 
     def inside(self, points: np.ndarray) -> np.ndarray:
@@ -202,8 +204,7 @@ class OReX(Method):
 
     def _project(self, verts: np.ndarray, spacing: float, steps: int = 2) -> np.ndarray:
         """Newton steps along the gradient onto the zero level set, at most half a cell each."""
-        for model in self.models:
-            model.eval()
+        self._eval_mode()
         x = torch.from_numpy(verts).to(self.dtype)
         hull_limited = self.config.hinge_alpha * -self.hull.signed_distance(verts) < 4.0  # surface set by the hull
         movable = torch.from_numpy(~hull_limited)

@@ -131,11 +131,6 @@ def rasterizer(device: torch.device | str | None = None):
     return backend
 
 
-def _intersect(device: torch.device | str | None):
-    backend = rasterizer(device)
-    return backend.intersect_tiles_cuda if _is_cuda(device) else backend.intersect_tiles_cpu
-
-
 # ---------------------------------------------------------------------------------------------
 # Visible pairs and their screen-space quantities q [V, 9]
 # ---------------------------------------------------------------------------------------------
@@ -169,7 +164,7 @@ def visible_pairs(params: dict[str, Tensor], cameras: Cameras, sh_degree: int | 
             cameras.world_to_cam.to(device=device, dtype=dtype).contiguous(),
             cameras.K.to(device=device, dtype=dtype).contiguous(), cameras.width, cameras.height, 0.3, 0.01, 1e10,
         )
-        isect = _intersect(device)(m2d, radii, depths, cameras.width, cameras.height)
+        isect = rasterizer(device).backend().intersect(m2d, radii, depths, cameras.width, cameras.height)
     visible = (radii[..., 0] > 0).flatten()
     C, N = depths.shape
     flat = torch.nonzero(visible).flatten()  # camera-major: grouped by camera

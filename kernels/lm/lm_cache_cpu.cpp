@@ -273,9 +273,8 @@ Tensor cache_jvp(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_offsets
             const T mx = m[2 * i], my = m[2 * i + 1], ca = cn[3 * i], cb = cn[3 * i + 1], cc = cn[3 * i + 2];
             const T dop = qi[5] / op[i];
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
-                T dx, dy, g[5];
-                fieldkit::lm::pixel_offset(mx, my, int64_t(px_of[k]) % HW, width, &dx, &dy);
-                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                T g[5];
+                fieldkit::lm::sigma_partials(mx, my, int64_t(px_of[k]) % HW, width, ca, cb, cc, g);
                 fieldkit::lm::entry_jvp(g, qi, dop, a[k], w[k], dc + 3 * k, ct + 3 * k);
             }
         }
@@ -315,9 +314,8 @@ Tensor cache_vjp(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_offsets
             const T mx = m[2 * i], my = m[2 * i + 1], ca = cn[3 * i], cb = cn[3 * i + 1], cc = cn[3 * i + 2];
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
                 const int64_t p = px_of[k];
-                T dx, dy, g[5];
-                fieldkit::lm::pixel_offset(mx, my, p % HW, width, &dx, &dy);
-                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                T g[5];
+                fieldkit::lm::sigma_partials(mx, my, p % HW, width, ca, cb, cc, g);
                 fieldkit::lm::entry_vjp(g, a[k], w[k], dc + 3 * k, uu + 3 * p, acc);
             }
             acc[5] /= op[i];
@@ -352,9 +350,8 @@ Tensor hessian_blocks(Tensor means2d, Tensor conics, Tensor opac, Tensor pair_of
             const double inv_op = 1.0 / double(op[i]);
             for (int64_t k = off[i]; k < off[i + 1]; ++k) {
                 const int64_t p = px_of[k];
-                T dx, dy, g[5];
-                fieldkit::lm::pixel_offset(mx, my, p % HW, width, &dx, &dy);
-                fieldkit::lm::sigma_partials(dx, dy, ca, cb, cc, g);
+                T g[5];
+                fieldkit::lm::sigma_partials(mx, my, p % HW, width, ca, cb, cc, g);
                 fieldkit::lm::entry_hessian(g, a[k], inv_op, w[k], dc + 3 * k, W6 + 6 * p, H);
             }
             int t = 0;

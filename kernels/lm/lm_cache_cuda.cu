@@ -375,9 +375,8 @@ __global__ void __launch_bounds__(kThreads)
     const T ca = conics[3 * i], cb = conics[3 * i + 1], cc = conics[3 * i + 2];
     const T dop = q[5] / opacities[i];
     for (int64_t k = pair_offsets[i] + lane; k < pair_offsets[i + 1]; k += 32) {
-        T dx, dy, g[5];
-        pixel_offset(mx, my, (int64_t)e_pix[k] % HW, (int64_t)width, &dx, &dy);
-        sigma_partials(dx, dy, ca, cb, cc, g);
+        T g[5];
+        sigma_partials(mx, my, (int64_t)e_pix[k] % HW, (int64_t)width, ca, cb, cc, g);
         entry_jvp(g, q, dop, e_a[k], e_w[k], e_dc + 3 * k, contrib + 3 * k);
     }
 }
@@ -414,9 +413,8 @@ __global__ void __launch_bounds__(kThreads)
     for (int j = 0; j < 9; ++j) acc[j] = 0.0;
     for (int64_t k = pair_offsets[i] + lane; k < pair_offsets[i + 1]; k += 32) {
         const int64_t p = e_pix[k];
-        T dx, dy, g[5];
-        pixel_offset(mx, my, p % HW, (int64_t)width, &dx, &dy);
-        sigma_partials(dx, dy, ca, cb, cc, g);
+        T g[5];
+        sigma_partials(mx, my, p % HW, (int64_t)width, ca, cb, cc, g);
         entry_vjp(g, e_a[k], e_w[k], e_dc + 3 * k, u + 3 * p, acc);
     }
 #pragma unroll
@@ -447,9 +445,8 @@ __global__ void __launch_bounds__(kThreads)
         for (int c = 0; c < 9; ++c) H[r][c] = 0.0;
     for (int64_t k = pair_offsets[i] + lane; k < pair_offsets[i + 1]; k += 32) {
         const int64_t p = e_pix[k];
-        T dx, dy, g[5];
-        pixel_offset(mx, my, p % HW, (int64_t)width, &dx, &dy);
-        sigma_partials(dx, dy, ca, cb, cc, g);
+        T g[5];
+        sigma_partials(mx, my, p % HW, (int64_t)width, ca, cb, cc, g);
         entry_hessian(g, e_a[k], inv_op, e_w[k], e_dc + 3 * k, pixel_weights + 6 * p, H);
     }
 #pragma unroll

@@ -23,16 +23,12 @@
 namespace fieldkit {
 namespace lm {
 
-// Offset d = mean2d - pixel centre for the pixel at index `local` (row-major) of a width-wide image.
+// d sigma / d (mean x, mean y, conic a, b, c) for conic (a, b, c) at the pixel with index `local`
+// (row-major) of a width-wide image: offset d = mean2d - pixel centre.
 template <typename T>
-FK_HD void pixel_offset(T mx, T my, int64_t local, int64_t width, T* dx, T* dy) {
-    *dx = mx - (T(local % width) + T(0.5));
-    *dy = my - (T(local / width) + T(0.5));
-}
-
-// d sigma / d (mean x, mean y, conic a, b, c) at offset (dx, dy) for conic (a, b, c).
-template <typename T>
-FK_HD void sigma_partials(T dx, T dy, T a, T b, T c, T g[5]) {
+FK_HD void sigma_partials(T mx, T my, int64_t local, int64_t width, T a, T b, T c, T g[5]) {
+    const T dx = mx - (T(local % width) + T(0.5));
+    const T dy = my - (T(local / width) + T(0.5));
     g[0] = a * dx + b * dy;   // d sigma / d mean x
     g[1] = b * dx + c * dy;   // d sigma / d mean y
     g[2] = T(0.5) * dx * dx;  // d sigma / d a
