@@ -52,8 +52,10 @@ VARIANTS = {
 }
 
 
-def build(variant: str, scene, steps: int, seed: int, nerf_overrides: dict):
+def build(variant: str, scene, steps: int, seed: int, nerf_overrides: dict, s3im_weight: float | None = None):
     kind, options = VARIANTS[variant]
+    if s3im_weight is not None and options["s3im_weight"] > 0:
+        options = {**options, "s3im_weight": s3im_weight}
     torch.manual_seed(seed)
     if kind == "nerf":
         from fieldkit.methods.nerf import NeRF, NerfConfig
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nerf", type=json.loads, default={}, help='NerfConfig overrides as JSON, e.g. \'{"log2_hashmap_size": 17}\'')
+    parser.add_argument("--s3im-weight", type=float, default=None, help="S3IM weight of the +s3im variants (default: the paper's 1.0)")
     parser.add_argument("--mesh", action="store_true", help="mesh each run and report Chamfer against the depth sample")
     parser.add_argument("--mesh-resolution", type=int, default=192)
     parser.add_argument("--log-every", type=int, default=250)
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     for variant in args.variants:
         steps = args.nerf_steps if VARIANTS[variant][0] == "nerf" else args.gs_steps
         print(f"{variant}: {steps} steps", flush=True)
-        method = build(variant, scene, steps, args.seed, args.nerf)
+        method = build(variant, scene, steps, args.seed, args.nerf, args.s3im_weight)
         if args.load is not None:
             method.load_state_dict(torch.load(args.load / f"{variant}.pt", map_location="cpu", weights_only=True))
             timing = {"wall_s": float("nan"), "cpu_s": float("nan"), "curve": []}

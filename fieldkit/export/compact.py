@@ -74,6 +74,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
     quats = p["quats"][live][order]
     quats = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     opacity = torch.sigmoid(p["opacity_logits"][live])[order].numpy()
+    offsets = p["color_residual"][live][order].numpy() if "color_residual" in p else None
 
     rvqs = []
     for name, vq, x in (("scale", method.rvq_scale, scales), ("rot", method.rvq_rot, quats)):
@@ -100,6 +101,12 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
         sections.append((f"{name}_codebooks", codebooks.astype("<f2").tobytes(), "<f2", codebooks.shape, False))
         sections.append((f"{name}_indices", np.ascontiguousarray(idx.T).tobytes(), idx.dtype.str, idx.T.shape, False))  # stage-major
     sections.append(("hash_table", table_q.tobytes(), "u1", table_q.shape, False))
+    offset_range = None
+    if offsets is not None:  # 8 bits per channel over the channel's own range
+        offset_range = [offsets.min(0).tolist(), offsets.max(0).tolist()] if len(offsets) else [[0.0] * 3, [1.0] * 3]
+        lo, hi = np.array(offset_range[0], np.float32), np.array(offset_range[1], np.float32)
+        off_q = np.round((offsets - lo) / np.maximum(hi - lo, 1e-12) * 255).astype(np.uint8)
+        sections.append(("color_offset", np.ascontiguousarray(off_q.T).tobytes(), "u1", off_q.T.shape, False))  # channel-major
     for k, v in mlp.items():
         sections.append((f"mlp.{k}", v.astype("<f2").tobytes(), "<f2", v.shape, False))
 
@@ -115,6 +122,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
         "center": method.field.center.cpu().tolist(),
         "half_extent": method.field.half_extent.cpu().tolist(),
         "background": method.background.cpu().tolist(),
+        "color_offset_range": offset_range,
         "sections": [],
     }
     blobs, sizes = [], {}
@@ -142,6 +150,8 @@ class CompactModel:
     opacities: Tensor
     field: ColorField
     background: Tensor
+    color_offsets: Tensor | None = None
+    """Per-Gaussian offsets added to the field's colour (runs trained with ``--gs-compact.color-residual``)."""
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -154,6 +164,8 @@ class CompactModel:
         for i in range(len(cameras)):
             cam = cameras[i]
             dc = self.field(self.means, cam.centers[0].to(self.means))
+            if self.color_offsets is not None:
+                dc = dc + self.color_offsets
             out = rasterize(self.means, self.quats, self.scales, self.opacities, dc[:, None, :], cam, sh_degree=0,
                             background=self.background, backend=backend)
             rgbs.append(out.rgb)
@@ -183,4 +195,8 @@ def read_compact(path: Path) -> CompactModel:
     with torch.no_grad():
         field.grid.params.copy_(torch.from_numpy(_dequantise_u8(arrays["hash_table"], lo, hi)))
         field.mlp.load_state_dict({k[4:]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("mlp.")})
-    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]))
+    offsets = None
+    if "color_offset" in arrays:
+        lo, hi = (np.array(v, np.float32) for v in header["color_offset_range"])
+        offsets = torch.from_numpy(lo + arrays["color_offset"].T.astype(np.float32) / 255 * (hi - lo))
+    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]), offsets)

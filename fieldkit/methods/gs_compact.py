@@ -31,8 +31,6 @@ from fieldkit.optim.densify import Densifier, DensifyConfig, REFERENCE_STEPS, pr
 from fieldkit.optim.schedules import exponential_decay
 from fieldkit.render import rasterize
 
-PARAM_NAMES = ("means", "quats", "log_scales", "opacity_logits", "mask_logits")
-
 
 @dataclass
 class CompactConfig:
@@ -60,12 +58,18 @@ class CompactConfig:
     mlp_hidden: int = 64
     net_lr: float = 0.01
     net_warmup: int = 100
+    net_lr_steps: tuple[int, ...] = (5000, 15000, 25000)
+    """Steps (of 30k; scaled to the run) at which the colour field's learning rate is multiplied by 0.33."""
     rvq_stages: int = 6
     rvq_codebook_size: int = 64
     rvq_steps: int = 1000
     """Residual VQ is on for the last rvq_steps (of 30k; scaled to the run, at least 10)."""
     rvq_lr: float = 1e-4
     rvq_kmeans_iters: int = 5
+    color_residual: bool = False
+    """Add a per-Gaussian colour offset (3 values, 8 bits each in the .fkc) to the field's output: the field
+    keeps the view dependence, the offset the detail a small hash table cannot hold."""
+    lr_color_residual: float = 0.0025
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     scale_schedule_to_steps: bool = True
 
@@ -95,7 +99,7 @@ class CompactGaussians(GaussianSplatting):
         self.lm_phase = None
         self.rvq_start = max_steps - max(10, config.rvq_steps * max_steps // REFERENCE_STEPS) if scale else max_steps - config.rvq_steps
         self.prune_every = max(densify.interval, config.mask_prune_every * max_steps // REFERENCE_STEPS) if scale else config.mask_prune_every
-        self.net_milestones = [m * max_steps // REFERENCE_STEPS if scale else m for m in (5000, 15000, 25000)]
+        self.net_milestones = [m * max_steps // REFERENCE_STEPS if scale else m for m in config.net_lr_steps]
 
         splats = initial_splats(scene, GSConfig(sh_degree=0, init_random_points=config.init_random_points, init_opacity=config.init_opacity), self.generator)
         n = len(splats)
@@ -106,6 +110,8 @@ class CompactGaussians(GaussianSplatting):
             "opacity_logits": splats.opacity_logits,
             "mask_logits": torch.ones(n),
         }
+        if config.color_residual:
+            params["color_residual"] = torch.zeros(n, 3)
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
         self.optimizer = self._make_optimizer()
         low, high = scene.bounds
@@ -122,8 +128,8 @@ class CompactGaussians(GaussianSplatting):
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
         lrs = {"means": c.lr_means * self.scene_extent, "quats": c.lr_quats, "log_scales": c.lr_scales,
-               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr}
-        groups = [{"params": [self.params[name]], "lr": lrs[name], "name": name} for name in PARAM_NAMES]
+               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr, "color_residual": c.lr_color_residual}
+        groups = [{"params": [self.params[name]], "lr": lrs[name], "name": name} for name in self.params]
         return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
 
     # -- model ---------------------------------------------------------------------------------
@@ -139,9 +145,14 @@ class CompactGaussians(GaussianSplatting):
         mask = straight_through_mask(p["mask_logits"])
         return p["means"], quats, scales * mask[:, None], torch.sigmoid(p["opacity_logits"]) * mask
 
+    def colors(self, means: Tensor, camera_center: Tensor) -> Tensor:
+        """Degree-0 SH coefficient of every Gaussian seen from ``camera_center``: field (+ offset)."""
+        dc = self.field(means, camera_center.to(means))
+        return dc + self.params["color_residual"] if "color_residual" in self.params else dc
+
     def _render_params(self, cameras: Cameras, sh_degree: int = 0):
         means, quats, scales, opacities = self.geometry()
-        dc = self.field(means, cameras.centers[0].to(means))
+        dc = self.colors(means, cameras.centers[0])
         return rasterize(means, quats, scales, opacities, dc[:, None, :], cameras, sh_degree=0,
                          background=self.background, backend=self.backend)
 
@@ -237,6 +248,8 @@ class CompactGaussians(GaussianSplatting):
         live = torch.sigmoid(self.params["mask_logits"]) > MASK_EPS
         means, quats, scales, opacities = means[live], quats[live], scales[live], opacities[live]
         dc = self.baked_dc(means)
+        if "color_residual" in self.params:
+            dc = dc + self.params["color_residual"][live]
         op = opacities.clamp(1e-6, 1 - 1e-6)
         return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), dc[:, None, :].cpu())
 
