@@ -129,33 +129,46 @@ def test_mask_pruning_removes_masked_gaussians(scene: Path) -> None:
     assert np.isfinite(stats["loss"])
 
 
-@pytest.mark.parametrize("color_residual", [False, True])
-def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Path, color_residual: bool) -> None:
+@pytest.mark.parametrize("color_residual,sh_degree", [(False, 0), (True, 1)])
+def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Path, color_residual: bool, sh_degree: int) -> None:
     """Both model layouts survive write -> read: per-Gaussian colour offsets (8 bits per channel over
-    each channel's range) are stored only when the model has them, and the decoded render matches."""
+    each channel's range) and SH residuals (residual VQ) are stored only when the model has them, the
+    decoded render matches, and the PLY export carries the SH degree."""
     import json
 
+    from fieldkit.export import read_ply
     from fieldkit.export.compact import morton_order, read_compact, write_compact
     from fieldkit.methods.gs_compact import CompactConfig, CompactGaussians
 
     sc = CompactGaussians.load_data(scene)
-    m = CompactGaussians(CompactConfig(init_random_points=300, hash_log2_size=10, hash_levels=4, color_residual=color_residual),
-                         sc, max_steps=30, backend="torch")
-    if color_residual:
-        with torch.no_grad():
-            m.params["color_residual"].copy_(torch.randn(m.params["color_residual"].shape, generator=torch.Generator().manual_seed(1)) * 0.3)
-    sizes = write_compact(tmp_path / "s.fkc", m)
-    assert ("color_offset" in sizes) == color_residual
-    model = read_compact(tmp_path / "s.fkc")
+    cfg = CompactConfig(init_random_points=300, hash_log2_size=10, hash_levels=4, color_residual=color_residual, sh_residual_degree=sh_degree)
+    m = CompactGaussians(cfg, sc, max_steps=30, backend="torch")
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        if color_residual:
+            m.params["color_residual"].copy_(torch.randn(m.params["color_residual"].shape, generator=g) * 0.3)
+        if sh_degree:
+            m.params["sh_residual"].copy_(torch.randn(m.params["sh_residual"].shape, generator=g) * 0.02)
+    path = tmp_path / "s.fkc"
+    sizes = write_compact(path, m)
+    assert ("color_offset" in sizes) == color_residual and ("sh_indices" in sizes) == (sh_degree > 0)
+    model = read_compact(path)
     if color_residual:
         ref = m.params["color_residual"].detach()[morton_order(m.params["means"].detach().numpy())]  # file order
         step = (ref.max(0).values - ref.min(0).values) / 255
         assert torch.all((model.color_offsets - ref).abs() <= step / 2 + 1e-6)
     else:
         assert model.color_offsets is None
+    if sh_degree:
+        assert model.sh_rest.shape == (len(model), (sh_degree + 1) ** 2 - 1, 3)
+    else:
+        assert model.sh_rest is None
     _, cameras = sc.subset("test")
     a = m.render(cameras[0])["rgb"]
     b = model.render(cameras[0], backend="torch")["rgb"]
     assert -10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-12)) >= 30.0
-    header = json.loads((tmp_path / "s.fkc").read_bytes()[8:8 + int.from_bytes((tmp_path / "s.fkc").read_bytes()[4:8], "little")])
-    assert (header["color_offset_range"] is not None) == color_residual
+    data = path.read_bytes()
+    header = json.loads(data[8 : 8 + int.from_bytes(data[4:8], "little")])
+    assert (header["color_offset_range"] is not None) == color_residual and header["sh_residual_degree"] == sh_degree
+    m.export("ply", tmp_path / "s.ply")
+    assert read_ply(tmp_path / "s.ply").sh.shape[1] == (sh_degree + 1) ** 2

@@ -75,9 +75,13 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
     quats = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     opacity = torch.sigmoid(p["opacity_logits"][live])[order].numpy()
     offsets = p["color_residual"][live][order].numpy() if "color_residual" in p else None
+    sh_degree = int(getattr(method.config, "sh_residual_degree", 0))
 
     rvqs = []
-    for name, vq, x in (("scale", method.rvq_scale, scales), ("rot", method.rvq_rot, quats)):
+    quantised = [("scale", method.rvq_scale, scales), ("rot", method.rvq_rot, quats)]
+    if sh_degree > 0:
+        quantised.append(("sh", method.rvq_sh, p["sh_residual"][live][order].flatten(1)))
+    for name, vq, x in quantised:
         vq = vq.cpu() if method.rvq_active else None
         if vq is None:  # trained without VQ (short run): fit the quantiser now
             cfg = method.config
@@ -85,7 +89,8 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
             vq.init_kmeans(x, cfg.rvq_kmeans_iters, torch.Generator().manual_seed(0))
         idx = vq.indices(x).numpy()
         rvqs.append((name, vq.codebooks.detach().cpu().numpy().astype(np.float16), idx.astype(np.uint8 if vq.codebooks.shape[1] <= 256 else np.uint16)))
-    method.rvq_scale.to(method.device), method.rvq_rot.to(method.device)
+    for _, vq, _ in quantised:
+        vq.to(method.device)
 
     table = method.field.grid.params.detach().cpu().float().numpy()
     table = np.where(np.abs(table) < hash_zero_threshold, 0.0, table).astype(np.float32)
@@ -123,6 +128,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
         "half_extent": method.field.half_extent.cpu().tolist(),
         "background": method.background.cpu().tolist(),
         "color_offset_range": offset_range,
+        "sh_residual_degree": sh_degree,
         "sections": [],
     }
     blobs, sizes = [], {}
@@ -152,6 +158,8 @@ class CompactModel:
     background: Tensor
     color_offsets: Tensor | None = None
     """Per-Gaussian offsets added to the field's colour (runs trained with ``--gs-compact.color-residual``)."""
+    sh_rest: Tensor | None = None
+    """Per-Gaussian SH coefficients of degrees 1..D [N, (D+1)^2-1, 3] (``--gs-compact.sh-residual-degree``)."""
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -166,7 +174,9 @@ class CompactModel:
             dc = self.field(self.means, cam.centers[0].to(self.means))
             if self.color_offsets is not None:
                 dc = dc + self.color_offsets
-            out = rasterize(self.means, self.quats, self.scales, self.opacities, dc[:, None, :], cam, sh_degree=0,
+            sh = dc[:, None, :] if self.sh_rest is None else torch.cat([dc[:, None, :], self.sh_rest], dim=1)
+            degree = 0 if self.sh_rest is None else int(round((self.sh_rest.shape[1] + 1) ** 0.5)) - 1
+            out = rasterize(self.means, self.quats, self.scales, self.opacities, sh, cam, sh_degree=degree,
                             background=self.background, backend=backend)
             rgbs.append(out.rgb)
         return {"rgb": torch.cat(rgbs).clamp(0, 1)}
@@ -199,4 +209,8 @@ def read_compact(path: Path) -> CompactModel:
     if "color_offset" in arrays:
         lo, hi = (np.array(v, np.float32) for v in header["color_offset_range"])
         offsets = torch.from_numpy(lo + arrays["color_offset"].T.astype(np.float32) / 255 * (hi - lo))
-    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]), offsets)
+    sh_rest = None
+    if header.get("sh_residual_degree", 0) > 0:
+        flat = lookup_codebooks(torch.from_numpy(arrays["sh_codebooks"].astype(np.float32)), torch.from_numpy(arrays["sh_indices"].T.astype(np.int64)))
+        sh_rest = flat.view(len(means), -1, 3)
+    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]), offsets, sh_rest)

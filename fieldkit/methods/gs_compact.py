@@ -51,25 +51,32 @@ class CompactConfig:
     """Hard-prune masked Gaussians this often (at 30k steps; scaled) after densification."""
     hash_levels: int = 16
     hash_features: int = 2
-    hash_log2_size: int = 13
-    """log2 hash-table size T (Compact-3DGS: 19 real, 16 synthetic; smaller here for the file size at CPU-scale runs)."""
+    hash_log2_size: int = 11
+    """log2 hash-table size T (Compact-3DGS: 19 real, 16 synthetic). Small here: with the per-Gaussian colour
+    offsets the field mainly carries view dependence, and at CPU-scale Gaussian counts the table would dominate the file."""
     hash_base_resolution: int = 16
     hash_per_level_scale: float = 1.447
     mlp_hidden: int = 64
     net_lr: float = 0.01
     net_warmup: int = 100
-    net_lr_steps: tuple[int, ...] = (5000, 15000, 25000)
-    """Steps (of 30k; scaled to the run) at which the colour field's learning rate is multiplied by 0.33."""
-    rvq_stages: int = 6
-    rvq_codebook_size: int = 64
+    net_lr_steps: tuple[int, ...] = (20000, 27000)
+    """Steps (of 30k; scaled to the run) at which the colour field's learning rate is multiplied by 0.33
+    (Compact-3DGS: 5k, 15k, 25k; at 3000-step runs that left the field 500 steps at full rate, -0.5 dB on lego)."""
+    rvq_stages: int = 3
+    rvq_codebook_size: int = 256
+    """3 stages x 256 codes (24 bits) per quantised vector; Compact-3DGS uses 6 x 64 (36 bits): 0.04 dB better on lego, 50 % more index bytes."""
     rvq_steps: int = 1000
     """Residual VQ is on for the last rvq_steps (of 30k; scaled to the run, at least 10)."""
     rvq_lr: float = 1e-4
     rvq_kmeans_iters: int = 5
-    color_residual: bool = False
+    color_residual: bool = True
     """Add a per-Gaussian colour offset (3 values, 8 bits each in the .fkc) to the field's output: the field
     keeps the view dependence, the offset the detail a small hash table cannot hold."""
     lr_color_residual: float = 0.0025
+    sh_residual_degree: int = 0
+    """Per-Gaussian SH coefficients of degrees 1..D added to the field's colour (residual-VQ'd like the
+    geometry in the .fkc); 0: all view dependence comes from the field (Compact-3DGS)."""
+    lr_sh_residual: float = 0.0025 / 20
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     scale_schedule_to_steps: bool = True
 
@@ -112,6 +119,8 @@ class CompactGaussians(GaussianSplatting):
         }
         if config.color_residual:
             params["color_residual"] = torch.zeros(n, 3)
+        if config.sh_residual_degree > 0:
+            params["sh_residual"] = torch.zeros(n, (config.sh_residual_degree + 1) ** 2 - 1, 3)
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
         self.optimizer = self._make_optimizer()
         low, high = scene.bounds
@@ -120,7 +129,9 @@ class CompactGaussians(GaussianSplatting):
         self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=config.net_lr, eps=1e-15)
         self.rvq_scale = ResidualVQ(3, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
-        self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=config.rvq_lr)
+        sh_dim = 3 * ((config.sh_residual_degree + 1) ** 2 - 1)
+        self.rvq_sh = ResidualVQ(sh_dim, config.rvq_stages, config.rvq_codebook_size).to(self.device) if sh_dim else None
+        self.rvq_optimizer = self._make_rvq_optimizer()
         self.rvq_active = False
         self.densifier = Densifier(densify, self.scene_extent, n, self.device,
                                    prune_extent(self.scene_extent, self.train_cameras.centers, self.params["means"]))
@@ -128,7 +139,7 @@ class CompactGaussians(GaussianSplatting):
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
         lrs = {"means": c.lr_means * self.scene_extent, "quats": c.lr_quats, "log_scales": c.lr_scales,
-               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr, "color_residual": c.lr_color_residual}
+               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr, "color_residual": c.lr_color_residual, "sh_residual": c.lr_sh_residual}
         groups = [{"params": [self.params[name]], "lr": lrs[name], "name": name} for name in self.params]
         return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
 
@@ -150,11 +161,27 @@ class CompactGaussians(GaussianSplatting):
         dc = self.field(means, camera_center.to(means))
         return dc + self.params["color_residual"] if "color_residual" in self.params else dc
 
+    def sh_residual(self) -> Tensor | None:
+        """Per-Gaussian SH coefficients of degrees 1..D [N, (D+1)^2-1, 3] (VQ'd when the VQ is on), or None."""
+        if "sh_residual" not in self.params:
+            return None
+        rest = self.params["sh_residual"]
+        if self.rvq_active:
+            return self.rvq_sh(rest.flatten(1))[0].view_as(rest)
+        return rest
+
     def _render_params(self, cameras: Cameras, sh_degree: int = 0):
         means, quats, scales, opacities = self.geometry()
-        dc = self.colors(means, cameras.centers[0])
-        return rasterize(means, quats, scales, opacities, dc[:, None, :], cameras, sh_degree=0,
+        sh = self.colors(means, cameras.centers[0])[:, None, :]
+        rest = self.sh_residual()
+        if rest is not None:
+            sh = torch.cat([sh, rest], dim=1)
+        return rasterize(means, quats, scales, opacities, sh, cameras, sh_degree=self.config.sh_residual_degree,
                          background=self.background, backend=self.backend)
+
+    def _make_rvq_optimizer(self) -> torch.optim.Adam:
+        books = [vq.codebooks for vq in (self.rvq_scale, self.rvq_rot, self.rvq_sh) if vq is not None]
+        return torch.optim.Adam(books, lr=self.config.rvq_lr)
 
     def active_sh_degree(self, step: int) -> int:
         return 0
@@ -181,7 +208,9 @@ class CompactGaussians(GaussianSplatting):
             quats = self.params["quats"] / self.params["quats"].norm(dim=-1, keepdim=True).clamp_min(1e-12)
             self.rvq_scale.init_kmeans(scales, self.config.rvq_kmeans_iters, self.generator)
             self.rvq_rot.init_kmeans(quats, self.config.rvq_kmeans_iters, self.generator)
-        self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=self.config.rvq_lr)
+            if self.rvq_sh is not None:
+                self.rvq_sh.init_kmeans(self.params["sh_residual"].flatten(1), self.config.rvq_kmeans_iters, self.generator)
+        self.rvq_optimizer = self._make_rvq_optimizer()
         self.rvq_active = True
 
     def train_step(self, step: int) -> dict[str, float]:
@@ -250,15 +279,20 @@ class CompactGaussians(GaussianSplatting):
         dc = self.baked_dc(means)
         if "color_residual" in self.params:
             dc = dc + self.params["color_residual"][live]
+        sh = dc[:, None, :]
+        rest = self.sh_residual()
+        if rest is not None:
+            sh = torch.cat([sh, rest[live]], dim=1)
         op = opacities.clamp(1e-6, 1 - 1e-6)
-        return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), dc[:, None, :].cpu())
+        return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), sh.cpu())
 
     def state_dict(self) -> dict[str, Any]:
         return {
             **super().state_dict(),
             "field": {k: v.detach().cpu() for k, v in self.field.state_dict().items()},
             "field_optimizer": self.field_optimizer.state_dict(),
-            "rvq": {"scale": self.rvq_scale.state_dict(), "rot": self.rvq_rot.state_dict(), "active": self.rvq_active},
+            "rvq": {"scale": self.rvq_scale.state_dict(), "rot": self.rvq_rot.state_dict(), "active": self.rvq_active,
+                    **({"sh": self.rvq_sh.state_dict()} if self.rvq_sh is not None else {})},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -270,8 +304,10 @@ class CompactGaussians(GaussianSplatting):
         if rvq:
             self.rvq_scale.load_state_dict(rvq["scale"])
             self.rvq_rot.load_state_dict(rvq["rot"])
+            if self.rvq_sh is not None:
+                self.rvq_sh.load_state_dict(rvq["sh"])
             self.rvq_active = bool(rvq["active"])
-            self.rvq_optimizer = torch.optim.Adam([self.rvq_scale.codebooks, self.rvq_rot.codebooks], lr=self.config.rvq_lr)
+            self.rvq_optimizer = self._make_rvq_optimizer()
 
     def export(self, fmt: str, path: Path) -> Path:
         if fmt == "compact":
