@@ -131,13 +131,13 @@ def test_mask_pruning_removes_masked_gaussians(scene: Path) -> None:
 
 @pytest.mark.parametrize("color_residual,sh_degree", [(False, 0), (True, 1)])
 def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Path, color_residual: bool, sh_degree: int) -> None:
-    """Both model layouts survive write -> read: per-Gaussian colour offsets (8 bits per channel over
-    each channel's range) and SH residuals (residual VQ) are stored only when the model has them, the
+    """Both model layouts survive write -> read: per-Gaussian colour offsets (COLOR_OFFSET_BITS per
+    channel over each channel's range) and SH residuals (residual VQ) are stored only when the model has them, the
     decoded render matches, and the PLY export carries the SH degree."""
     import json
 
     from fieldkit.export import read_ply
-    from fieldkit.export.compact import morton_order, read_compact, write_compact
+    from fieldkit.export.compact import COLOR_OFFSET_BITS, morton_order, read_compact, write_compact
     from fieldkit.methods.gs_compact import CompactConfig, CompactGaussians
 
     sc = CompactGaussians.load_data(scene)
@@ -155,7 +155,7 @@ def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Pa
     model = read_compact(path)
     if color_residual:
         ref = m.params["color_residual"].detach()[morton_order(m.params["means"].detach().numpy())]  # file order
-        step = (ref.max(0).values - ref.min(0).values) / 255
+        step = (ref.max(0).values - ref.min(0).values) / ((1 << COLOR_OFFSET_BITS) - 1)
         assert torch.all((model.color_offsets - ref).abs() <= step / 2 + 1e-6)
     else:
         assert model.color_offsets is None

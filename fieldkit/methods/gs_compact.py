@@ -5,8 +5,9 @@ Differences from ``gs`` (see docs/compact.md):
   loss λ_m·mean(σ(m)), and hard pruning of σ(m) <= 0.01 at every densification refine and every
   ``mask_prune_every`` steps afterwards;
 * colour from a shared hash-grid field at the contracted centre + an MLP on the view direction
-  (no per-Gaussian SH);
-* residual VQ of scale (after exp) and unit rotation for the last ``rvq_steps`` steps.
+  (no per-Gaussian SH), plus a per-Gaussian RGB offset (``color_residual``, on by default) and,
+  optionally, per-Gaussian SH coefficients of degrees 1..D (``sh_residual_degree``);
+* residual VQ of scale (after exp), unit rotation (and the SH residual) for the last ``rvq_steps`` steps.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class CompactConfig:
     rvq_lr: float = 1e-4
     rvq_kmeans_iters: int = 5
     color_residual: bool = True
-    """Add a per-Gaussian colour offset (3 values, 8 bits each in the .fkc) to the field's output: the field
+    """Add a per-Gaussian colour offset (3 values, 6 bits each in the .fkc) to the field's output: the field
     keeps the view dependence, the offset the detail a small hash table cannot hold."""
     lr_color_residual: float = 0.0025
     sh_residual_degree: int = 0
