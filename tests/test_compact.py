@@ -172,3 +172,26 @@ def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Pa
     assert (header["color_offset_range"] is not None) == color_residual and header["sh_residual_degree"] == sh_degree
     m.export("ply", tmp_path / "s.ply")
     assert read_ply(tmp_path / "s.ply").sh.shape[1] == (sh_degree + 1) ** 2
+
+
+def test_sigmoid_field_output_keeps_colour_in_range_and_gradients_alive() -> None:
+    """With output='sigmoid' the field's colour 0.5 + C0·dc lies in (0, 1) whatever the MLP says, so the
+    renderer's clamp at 0 never zeroes the field's gradient (the collapse seen on fern with 'linear')."""
+    from fieldkit.fields.hashgrid import HashGridConfig
+    from fieldkit.models.compact import SH_C0, ColorField
+
+    grid = HashGridConfig(4, 2, 10, 4, 1.5)
+    field = ColorField(grid, 16, generator=torch.Generator().manual_seed(0), output="sigmoid")
+    with torch.no_grad():
+        field.mlp[4].bias.fill_(-40.0)  # a linear field would be clamped black here
+    means = torch.rand(50, 3) * 2 - 1
+    dc = field(means, torch.tensor([0.0, 0.0, 4.0]))
+    colour = 0.5 + SH_C0 * dc
+    assert torch.all((colour >= 0) & (colour < 1e-6 + 1))
+    colour.sum().backward()
+    assert field.mlp[4].bias.grad.abs().sum() > 0
+    linear = ColorField(grid, 16, generator=torch.Generator().manual_seed(0), output="linear")
+    linear.load_state_dict(field.state_dict())
+    with torch.no_grad():  # same weights: the sigmoid field is the linear one through (sigmoid(x) - 0.5) / C0
+        raw = linear(means, torch.tensor([0.0, 0.0, 4.0]))
+        torch.testing.assert_close(field(means, torch.tensor([0.0, 0.0, 4.0])), (torch.sigmoid(raw) - 0.5) / SH_C0)

@@ -127,6 +127,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
                       "per_level_scale": grid.per_level_scale},
         "hash_range": [t_lo, t_hi],
         "mlp_hidden": int(method.field.mlp[0].out_features),
+        "field_output": method.field.output,
         "center": method.field.center.cpu().tolist(),
         "half_extent": method.field.half_extent.cpu().tolist(),
         "background": method.background.cpu().tolist(),
@@ -204,7 +205,8 @@ def read_compact(path: Path) -> CompactModel:
     scales = lookup_codebooks(torch.from_numpy(arrays["scale_codebooks"].astype(np.float32)), torch.from_numpy(arrays["scale_indices"].T.astype(np.int64)))
     quats = lookup_codebooks(torch.from_numpy(arrays["rot_codebooks"].astype(np.float32)), torch.from_numpy(arrays["rot_indices"].T.astype(np.int64)))
     grid = HashGridConfig(**header["hash_grid"])
-    field = ColorField(grid, header["mlp_hidden"], torch.tensor(header["center"]), torch.tensor(header["half_extent"]))
+    field = ColorField(grid, header["mlp_hidden"], torch.tensor(header["center"]), torch.tensor(header["half_extent"]),
+                       output=header.get("field_output", "linear"))
     lo, hi = header["hash_range"]
     with torch.no_grad():
         field.grid.params.copy_(torch.from_numpy(_dequantise_u8(arrays["hash_table"], lo, hi)))

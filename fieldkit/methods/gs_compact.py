@@ -74,6 +74,10 @@ class CompactConfig:
     """Add a per-Gaussian colour offset (3 values, 6 bits each in the .fkc) to the field's output: the field
     keeps the view dependence, the offset the detail a small hash table cannot hold."""
     lr_color_residual: float = 0.0025
+    color_output: str = "sigmoid"
+    """How the field's MLP output becomes colour: sigmoid (colour in (0, 1), mapped to the SH DC coefficient) or
+    linear (the output is the DC coefficient, Compact-3DGS). With linear, the renderer's clamp at 0 let the
+    shared field drift negative on fern until every Gaussian was black (an irreversible collapse, -6.9 dB)."""
     sh_residual_degree: int = 0
     """Per-Gaussian SH coefficients of degrees 1..D added to the field's colour (residual-VQ'd like the
     geometry in the .fkc); 0: all view dependence comes from the field (Compact-3DGS)."""
@@ -118,15 +122,16 @@ class CompactGaussians(GaussianSplatting):
             "opacity_logits": splats.opacity_logits,
             "mask_logits": torch.ones(n),
         }
-        if config.color_residual:
-            params["color_residual"] = torch.zeros(n, 3)
+        if config.color_residual:  # start from the initial points' colours, as gs does
+            params["color_residual"] = splats.sh[:, 0, :].clone()
         if config.sh_residual_degree > 0:
             params["sh_residual"] = torch.zeros(n, (config.sh_residual_degree + 1) ** 2 - 1, 3)
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
         self.optimizer = self._make_optimizer()
         low, high = scene.bounds
         grid = HashGridConfig(config.hash_levels, config.hash_features, config.hash_log2_size, config.hash_base_resolution, config.hash_per_level_scale)
-        self.field = ColorField(grid, config.mlp_hidden, (low + high) / 2, ((high - low) / 2).clamp_min(1e-6), generator=self.generator).to(self.device)
+        self.field = ColorField(grid, config.mlp_hidden, (low + high) / 2, ((high - low) / 2).clamp_min(1e-6), generator=self.generator,
+                                output=config.color_output).to(self.device)
         self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=config.net_lr, eps=1e-15)
         self.rvq_scale = ResidualVQ(3, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
@@ -291,6 +296,7 @@ class CompactGaussians(GaussianSplatting):
         return {
             **super().state_dict(),
             "field": {k: v.detach().cpu() for k, v in self.field.state_dict().items()},
+            "field_output": self.field.output,
             "field_optimizer": self.field_optimizer.state_dict(),
             "rvq": {"scale": self.rvq_scale.state_dict(), "rot": self.rvq_rot.state_dict(), "active": self.rvq_active,
                     **({"sh": self.rvq_sh.state_dict()} if self.rvq_sh is not None else {})},
@@ -299,6 +305,7 @@ class CompactGaussians(GaussianSplatting):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # params, optimizer, generator, order, densifier statistics
         self.field.load_state_dict(state["field"])
+        self.field.output = state.get("field_output", "linear")  # checkpoints from before the option: linear
         if "field_optimizer" in state:
             self.field_optimizer.load_state_dict(state["field_optimizer"])
         rvq = state.get("rvq")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from fieldkit.fields.hashgrid import HashGrid, HashGridConfig
 
 MASK_EPS = 0.01
+SH_C0 = 0.28209479177387814
 
 
 def straight_through_mask(mask_logits: Tensor, eps: float = MASK_EPS) -> Tensor:
@@ -56,8 +57,13 @@ class ColorField(nn.Module):
     """View-dependent colour of each Gaussian: MLP([hash(contract(μ)), SH(dir)]) -> SH DC [N,3]."""
 
     def __init__(self, grid: HashGridConfig, hidden: int = 64, center: Tensor | None = None,
-                 half_extent: Tensor | None = None, generator: torch.Generator | None = None):
+                 half_extent: Tensor | None = None, generator: torch.Generator | None = None, output: str = "linear"):
         super().__init__()
+        if output not in ("linear", "sigmoid"):
+            raise ValueError(f"ColorField output must be linear or sigmoid, got {output!r}")
+        self.output = output
+        """linear: the MLP's output is the SH DC coefficient (Compact-3DGS). sigmoid: the MLP gives the colour
+        through a sigmoid (then mapped to the DC coefficient), so the renderer's clamp at 0 can never zero its gradient."""
         self.grid = HashGrid(grid, dims=3, generator=generator)
         self.mlp = nn.Sequential(
             nn.Linear(self.grid.output_dim + 9, hidden), nn.ReLU(),
@@ -74,7 +80,10 @@ class ColorField(nn.Module):
     def decode(self, features: Tensor, dirs: Tensor) -> Tensor:
         """features [N,F], dirs [N,3] (not necessarily unit) -> SH DC [N,3]."""
         d = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-        return self.mlp(torch.cat([features, sh_basis_deg2(d)], dim=-1))
+        out = self.mlp(torch.cat([features, sh_basis_deg2(d)], dim=-1))
+        if self.output == "sigmoid":
+            return (torch.sigmoid(out) - 0.5) / SH_C0
+        return out
 
     def forward(self, means: Tensor, camera_center: Tensor) -> Tensor:
         return self.decode(self.features(means), means - camera_center)
