@@ -21,7 +21,7 @@ from torch import Tensor
 from fieldkit.cameras import Cameras
 from fieldkit.fields.hashgrid import HashGridConfig
 from fieldkit.io_atomic import atomic_path
-from fieldkit.models.compact import MASK_EPS, ColorField, ResidualVQ, lookup_codebooks
+from fieldkit.models.compact import MASK_EPS, ColorField, ResidualVQ, gaussian_sh, lookup_codebooks
 
 MAGIC = b"FKC1"
 COLOR_OFFSET_BITS = 6
@@ -176,10 +176,7 @@ class CompactModel:
         rgbs = []
         for i in range(len(cameras)):
             cam = cameras[i]
-            dc = self.field(self.means, cam.centers[0].to(self.means))
-            if self.color_offsets is not None:
-                dc = dc + self.color_offsets
-            sh = dc[:, None, :] if self.sh_rest is None else torch.cat([dc[:, None, :], self.sh_rest], dim=1)
+            sh = gaussian_sh(self.field(self.means, cam.centers[0].to(self.means)), self.color_offsets, self.sh_rest)
             degree = 0 if self.sh_rest is None else int(round((self.sh_rest.shape[1] + 1) ** 0.5)) - 1
             out = rasterize(self.means, self.quats, self.scales, self.opacities, sh, cam, sh_degree=degree,
                             background=self.background, backend=backend)

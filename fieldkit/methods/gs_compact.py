@@ -25,7 +25,7 @@ from fieldkit.fields.hashgrid import HashGridConfig
 from fieldkit.losses import gaussian_splat_loss
 from fieldkit.methods.base import pick_device
 from fieldkit.methods.gs import GaussianSplatting, GSConfig, initial_splats
-from fieldkit.models.compact import ColorField, ResidualVQ, straight_through_mask, MASK_EPS
+from fieldkit.models.compact import ColorField, ResidualVQ, gaussian_sh, straight_through_mask, MASK_EPS
 from fieldkit.models.gaussians import Splats
 from fieldkit.optim.adam_surgery import replace_rows
 from fieldkit.optim.densify import Densifier, DensifyConfig, REFERENCE_STEPS, prune_extent
@@ -162,11 +162,6 @@ class CompactGaussians(GaussianSplatting):
         mask = straight_through_mask(p["mask_logits"])
         return p["means"], quats, scales * mask[:, None], torch.sigmoid(p["opacity_logits"]) * mask
 
-    def colors(self, means: Tensor, camera_center: Tensor) -> Tensor:
-        """Degree-0 SH coefficient of every Gaussian seen from ``camera_center``: field (+ offset)."""
-        dc = self.field(means, camera_center.to(means))
-        return dc + self.params["color_residual"] if "color_residual" in self.params else dc
-
     def sh_residual(self) -> Tensor | None:
         """Per-Gaussian SH coefficients of degrees 1..D [N, (D+1)^2-1, 3] (VQ'd when the VQ is on), or None."""
         if "sh_residual" not in self.params:
@@ -178,10 +173,7 @@ class CompactGaussians(GaussianSplatting):
 
     def _render_params(self, cameras: Cameras, sh_degree: int = 0):
         means, quats, scales, opacities = self.geometry()
-        sh = self.colors(means, cameras.centers[0])[:, None, :]
-        rest = self.sh_residual()
-        if rest is not None:
-            sh = torch.cat([sh, rest], dim=1)
+        sh = gaussian_sh(self.field(means, cameras.centers[0].to(means)), self.params.get("color_residual"), self.sh_residual())
         return rasterize(means, quats, scales, opacities, sh, cameras, sh_degree=self.config.sh_residual_degree,
                          background=self.background, backend=self.backend)
 
@@ -282,13 +274,8 @@ class CompactGaussians(GaussianSplatting):
         means, quats, scales, opacities = self.geometry()
         live = torch.sigmoid(self.params["mask_logits"]) > MASK_EPS
         means, quats, scales, opacities = means[live], quats[live], scales[live], opacities[live]
-        dc = self.baked_dc(means)
-        if "color_residual" in self.params:
-            dc = dc + self.params["color_residual"][live]
-        sh = dc[:, None, :]
-        rest = self.sh_residual()
-        if rest is not None:
-            sh = torch.cat([sh, rest[live]], dim=1)
+        offsets, rest = self.params.get("color_residual"), self.sh_residual()
+        sh = gaussian_sh(self.baked_dc(means), None if offsets is None else offsets[live], None if rest is None else rest[live])
         op = opacities.clamp(1e-6, 1 - 1e-6)
         return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), sh.cpu())
 

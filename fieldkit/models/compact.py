@@ -25,6 +25,13 @@ def straight_through_mask(mask_logits: Tensor, eps: float = MASK_EPS) -> Tensor:
     return (hard - soft).detach() + soft
 
 
+def gaussian_sh(dc: Tensor, offsets: Tensor | None = None, rest: Tensor | None = None) -> Tensor:
+    """SH coefficients [N, K, 3] of each Gaussian: the field's DC [N,3] (+ per-Gaussian offsets), then the
+    per-Gaussian SH residual of degrees 1..D [N, K-1, 3] when there is one."""
+    dc = dc if offsets is None else dc + offsets
+    return dc[:, None, :] if rest is None else torch.cat([dc[:, None, :], rest], dim=1)
+
+
 def contract_to_unit(x: Tensor, center: Tensor, half_extent: Tensor) -> Tensor:
     """Normalise x by the scene box to [-1,1]^3, Mip-NeRF 360 contraction outside the unit ball
     (range: ball of radius 2), then map to [0,1] by x/4 + 0.5."""
