@@ -154,7 +154,7 @@ def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Pa
     assert ("color_offset" in sizes) == color_residual and ("sh_indices" in sizes) == (sh_degree > 0)
     model = read_compact(path)
     if color_residual:
-        ref = m.params["color_residual"].detach()[morton_order(m.params["means"].detach().numpy())]  # file order
+        ref = m.params["color_residual"].detach()[morton_order(m.params["means"].detach().numpy())]  # file order (POSITION_BITS codes)
         step = (ref.max(0).values - ref.min(0).values) / ((1 << COLOR_OFFSET_BITS) - 1)
         assert torch.all((model.color_offsets - ref).abs() <= step / 2 + 1e-6)
     else:
@@ -195,3 +195,75 @@ def test_sigmoid_field_output_keeps_colour_in_range_and_gradients_alive() -> Non
     with torch.no_grad():  # same weights: the sigmoid field is the linear one through (sigmoid(x) - 0.5) / C0
         raw = linear(means, torch.tensor([0.0, 0.0, 4.0]))
         torch.testing.assert_close(field(means, torch.tensor([0.0, 0.0, 4.0])), (torch.sigmoid(raw) - 0.5) / SH_C0)
+
+
+def test_position_coding_morton_roundtrip_and_error_bound() -> None:
+    """Morton codes decode to the exact grid coordinates, sort in Z-order, and the dequantised positions lie within
+    half a grid step per axis of the originals (the documented precision of a version-2 .fkc)."""
+    from fieldkit.export.compact import POSITION_BITS, dequantise_positions, morton_codes, morton_decode, morton_order, quantise_positions
+
+    rng = np.random.default_rng(0)
+    pts = np.concatenate([rng.normal(size=(500, 3)) * [1.0, 3.0, 0.2], [[40.0, -7.0, 1.5]]])
+    for bits in (1, POSITION_BITS, 21):
+        q, low, high = quantise_positions(pts, bits)
+        codes = morton_codes(q, bits)
+        assert np.array_equal(morton_decode(codes, bits), q)
+        back = dequantise_positions(q, low, high, bits)
+        step = (high - low) / ((1 << bits) - 1)
+        assert np.all(np.abs(back - pts) <= step / 2 + 1e-5 * np.abs(pts) + 1e-7)
+    # bit interleaving: x is the least significant bit, then y, then z
+    assert morton_codes(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [3, 0, 0]], np.uint64), 2).tolist() == [1, 2, 4, 9]
+    order = morton_order(pts)
+    assert np.all(np.diff(morton_codes(quantise_positions(pts)[0], POSITION_BITS)[order].astype(np.float64)) >= 0)
+    with pytest.raises(ValueError, match="64-bit"):
+        morton_codes(q, 22)
+
+
+def test_fkc_positions_and_version1_files_still_read(scene: Path, tmp_path: Path) -> None:
+    """A version-2 file restores every position to within half a grid step of POSITION_BITS over the box; a version-1
+    file (fp16 positions in a ``means`` section) written by older fieldkit still reads and renders the same."""
+    import json
+    import lzma
+    import struct
+
+    from fieldkit.export.compact import POSITION_BITS, morton_order, read_compact, write_compact
+    from fieldkit.methods.gs_compact import CompactConfig, CompactGaussians
+
+    sc = CompactGaussians.load_data(scene)
+    m = CompactGaussians(CompactConfig(init_random_points=300, hash_log2_size=10, hash_levels=4), sc, max_steps=30, backend="torch")
+    path = tmp_path / "v2.fkc"
+    write_compact(path, m)
+    model = read_compact(path)
+    means = m.params["means"].detach().numpy()
+    ref = means[morton_order(means)]
+    step = float((means.max(0) - means.min(0)).max()) / ((1 << POSITION_BITS) - 1)  # one step: the box is a cube
+    assert np.all(np.abs(model.means.numpy() - ref) <= step / 2 + 1e-6)
+
+    data = path.read_bytes()
+    head_len = int.from_bytes(data[4:8], "little")
+    header = json.loads(data[8 : 8 + head_len])
+    blobs, offset = [], 8 + head_len
+    for s in header["sections"]:
+        blobs.append(data[offset : offset + s["bytes"]])
+        offset += s["bytes"]
+    first = header["sections"][0]
+    assert first["name"] == "position_deltas"
+    fp16 = ref.astype("<f2")
+    blobs[0] = lzma.compress(np.ascontiguousarray(fp16).view(np.uint8).reshape(-1, 2).T.tobytes())
+    header["sections"][0] = {"name": "means", "dtype": "<f2", "shape": [len(ref), 3], "byte_planes": True, "bytes": len(blobs[0])}
+    header["version"] = 1
+    for key in ("position_bits", "position_box"):
+        del header[key]
+    head = json.dumps(header).encode()
+    old = tmp_path / "v1.fkc"
+    old.write_bytes(b"FKC1" + struct.pack("<I", len(head)) + head + b"".join(blobs))
+    v1 = read_compact(old)
+    assert torch.equal(v1.means, torch.from_numpy(fp16.astype(np.float32)))
+    _, cameras = sc.subset("test")
+    a, b = model.render(cameras[0], backend="torch")["rgb"], v1.render(cameras[0], backend="torch")["rgb"]
+    assert -10 * np.log10(max(float(((a - b) ** 2).mean()), 1e-12)) >= 35.0
+    header["version"] = 3
+    head = json.dumps(header).encode()
+    old.write_bytes(b"FKC1" + struct.pack("<I", len(head)) + head + b"".join(blobs))
+    with pytest.raises(ValueError, match="version 3"):
+        read_compact(old)
