@@ -129,10 +129,10 @@ def test_mask_pruning_removes_masked_gaussians(scene: Path) -> None:
     assert np.isfinite(stats["loss"])
 
 
-@pytest.mark.parametrize("color_residual,sh_degree", [(False, 0), (True, 1)])
-def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Path, color_residual: bool, sh_degree: int) -> None:
-    """Both model layouts survive write -> read: per-Gaussian colour offsets (COLOR_OFFSET_BITS per
-    channel over each channel's range) and SH residuals (residual VQ) are stored only when the model has them, the
+@pytest.mark.parametrize("color_residual,sh_degree,n_features", [(False, 0, 0), (True, 1, 0), (True, 0, 3)])
+def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Path, color_residual: bool, sh_degree: int, n_features: int) -> None:
+    """Every model layout survives write -> read: per-Gaussian colour offsets and colour-MLP features (COLOR_OFFSET_BITS
+    per channel over each channel's range) and SH residuals (residual VQ) are stored only when the model has them, the
     decoded render matches, and the PLY export carries the SH degree."""
     import json
 
@@ -141,12 +141,15 @@ def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Pa
     from fieldkit.methods.gs_compact import CompactConfig, CompactGaussians
 
     sc = CompactGaussians.load_data(scene)
-    cfg = CompactConfig(init_random_points=300, hash_log2_size=10, hash_levels=4, color_residual=color_residual, sh_residual_degree=sh_degree)
+    cfg = CompactConfig(init_random_points=300, hash_log2_size=10, hash_levels=4, color_residual=color_residual, sh_residual_degree=sh_degree,
+                        color_features=n_features)
     m = CompactGaussians(cfg, sc, max_steps=30, backend="torch")
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         if color_residual:
             m.params["color_residual"].copy_(torch.randn(m.params["color_residual"].shape, generator=g) * 0.3)
+        if n_features:
+            m.params["color_features"].copy_(torch.randn(m.params["color_features"].shape, generator=g))
         if sh_degree:
             m.params["sh_residual"].copy_(torch.randn(m.params["sh_residual"].shape, generator=g) * 0.02)
     path = tmp_path / "s.fkc"
@@ -159,6 +162,13 @@ def test_fkc_roundtrip_with_and_without_colour_offsets(scene: Path, tmp_path: Pa
         assert torch.all((model.color_offsets - ref).abs() <= step / 2 + 1e-6)
     else:
         assert model.color_offsets is None
+    if n_features:
+        ref = m.params["color_features"].detach()[morton_order(m.params["means"].detach().numpy())]
+        step = (ref.max(0).values - ref.min(0).values) / ((1 << COLOR_OFFSET_BITS) - 1)
+        assert model.field.extra_dim == n_features
+        assert torch.all((model.color_features - ref).abs() <= step / 2 + 1e-6)
+    else:
+        assert model.color_features is None and model.field.extra_dim == 0
     if sh_degree:
         assert model.sh_rest.shape == (len(model), (sh_degree + 1) ** 2 - 1, 3)
     else:

@@ -92,6 +92,19 @@ def _dequantise_u8(q: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return lo + q.astype(np.float32) / 255 * (hi - lo)
 
 
+def _quantise_channels(x: np.ndarray, bits: int) -> tuple[np.ndarray, list[list[float]]]:
+    """[N,C] -> channel-major uint8 [C,N] with 2^bits - 1 steps over each channel's own range, and [lo, hi] per channel."""
+    lo, hi = (x.min(0), x.max(0)) if len(x) else (np.zeros(x.shape[1]), np.ones(x.shape[1]))
+    q = np.round((x - lo) / np.maximum(hi - lo, 1e-12) * ((1 << bits) - 1)).astype(np.uint8)
+    return np.ascontiguousarray(q.T), [np.asarray(lo, np.float32).tolist(), np.asarray(hi, np.float32).tolist()]
+
+
+def _dequantise_channels(q: np.ndarray, value_range: list[list[float]], bits: int) -> Tensor:
+    """Inverse of :func:`_quantise_channels`: channel-major [C,N] -> [N,C] float32."""
+    lo, hi = (np.array(v, np.float32) for v in value_range)
+    return torch.from_numpy(lo + q.T.astype(np.float32) / ((1 << bits) - 1) * (hi - lo))
+
+
 def _byte_planes(a: np.ndarray) -> bytes:
     """Bytes of a little-endian array regrouped plane by plane (all low bytes, then high bytes...)."""
     raw = np.ascontiguousarray(a).view(np.uint8).reshape(-1, a.dtype.itemsize)
@@ -120,6 +133,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
     quats = quats / quats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     opacity = torch.sigmoid(p["opacity_logits"][live])[order].numpy()
     offsets = p["color_residual"][live][order].numpy() if "color_residual" in p else None
+    features = p["color_features"][live][order].numpy() if "color_features" in p else None
     sh_degree = int(getattr(method.config, "sh_residual_degree", 0))
 
     rvqs = []
@@ -152,12 +166,13 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
         sections.append((f"{name}_codebooks", codebooks.astype("<f2").tobytes(), "<f2", codebooks.shape, False))
         sections.append((f"{name}_indices", np.ascontiguousarray(idx.T).tobytes(), idx.dtype.str, idx.T.shape, False))  # stage-major
     sections.append(("hash_table", table_q.tobytes(), "u1", table_q.shape, False))
-    offset_range = None
-    if offsets is not None:  # COLOR_OFFSET_BITS per channel over the channel's own range
-        offset_range = [offsets.min(0).tolist(), offsets.max(0).tolist()] if len(offsets) else [[0.0] * 3, [1.0] * 3]
-        lo, hi = np.array(offset_range[0], np.float32), np.array(offset_range[1], np.float32)
-        off_q = np.round((offsets - lo) / np.maximum(hi - lo, 1e-12) * ((1 << COLOR_OFFSET_BITS) - 1)).astype(np.uint8)
-        sections.append(("color_offset", np.ascontiguousarray(off_q.T).tobytes(), "u1", off_q.T.shape, False))  # channel-major
+    offset_range = feature_range = None
+    if offsets is not None:
+        off_q, offset_range = _quantise_channels(offsets, COLOR_OFFSET_BITS)
+        sections.append(("color_offset", off_q.tobytes(), "u1", off_q.shape, False))
+    if features is not None:
+        feat_q, feature_range = _quantise_channels(features, COLOR_OFFSET_BITS)
+        sections.append(("color_features", feat_q.tobytes(), "u1", feat_q.shape, False))
     for k, v in mlp.items():
         sections.append((f"mlp.{k}", v.astype("<f2").tobytes(), "<f2", v.shape, False))
 
@@ -178,6 +193,7 @@ def write_compact(path: Path, method, hash_zero_threshold: float = HASH_ZERO_THR
         "background": method.background.cpu().tolist(),
         "color_offset_range": offset_range,
         "color_offset_bits": COLOR_OFFSET_BITS,
+        "color_features_range": feature_range,
         "sh_residual_degree": sh_degree,
         "sections": [],
     }
@@ -210,6 +226,8 @@ class CompactModel:
     """Per-Gaussian offsets added to the field's colour (runs trained with ``--gs-compact.color-residual``)."""
     sh_rest: Tensor | None = None
     """Per-Gaussian SH coefficients of degrees 1..D [N, (D+1)^2-1, 3] (``--gs-compact.sh-residual-degree``)."""
+    color_features: Tensor | None = None
+    """Per-Gaussian inputs of the colour MLP [N, F] (``--gs-compact.color-features F``)."""
 
     def __len__(self) -> int:
         return self.means.shape[0]
@@ -221,7 +239,7 @@ class CompactModel:
         rgbs = []
         for i in range(len(cameras)):
             cam = cameras[i]
-            sh = gaussian_sh(self.field(self.means, cam.centers[0].to(self.means)), self.color_offsets, self.sh_rest)
+            sh = gaussian_sh(self.field(self.means, cam.centers[0].to(self.means), self.color_features), self.color_offsets, self.sh_rest)
             degree = 0 if self.sh_rest is None else int(round((self.sh_rest.shape[1] + 1) ** 0.5)) - 1
             out = rasterize(self.means, self.quats, self.scales, self.opacities, sh, cam, sh_degree=degree,
                             background=self.background, backend=backend)
@@ -256,18 +274,16 @@ def read_compact(path: Path) -> CompactModel:
     quats = lookup_codebooks(torch.from_numpy(arrays["rot_codebooks"].astype(np.float32)), torch.from_numpy(arrays["rot_indices"].T.astype(np.int64)))
     grid = HashGridConfig(**header["hash_grid"])
     field = ColorField(grid, header["mlp_hidden"], torch.tensor(header["center"]), torch.tensor(header["half_extent"]),
-                       output=header.get("field_output", "linear"))
+                       output=header.get("field_output", "linear"), extra_dim=int(arrays.get("color_features", np.zeros((0, 0))).shape[0]))
     lo, hi = header["hash_range"]
     with torch.no_grad():
         field.grid.params.copy_(torch.from_numpy(_dequantise_u8(arrays["hash_table"], lo, hi)))
         field.mlp.load_state_dict({k[4:]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("mlp.")})
-    offsets = None
-    if "color_offset" in arrays:
-        lo, hi = (np.array(v, np.float32) for v in header["color_offset_range"])
-        levels = (1 << header.get("color_offset_bits", 8)) - 1
-        offsets = torch.from_numpy(lo + arrays["color_offset"].T.astype(np.float32) / levels * (hi - lo))
+    bits = header.get("color_offset_bits", 8)
+    offsets = _dequantise_channels(arrays["color_offset"], header["color_offset_range"], bits) if "color_offset" in arrays else None
+    features = _dequantise_channels(arrays["color_features"], header["color_features_range"], bits) if "color_features" in arrays else None
     sh_rest = None
     if header.get("sh_residual_degree", 0) > 0:
         flat = lookup_codebooks(torch.from_numpy(arrays["sh_codebooks"].astype(np.float32)), torch.from_numpy(arrays["sh_indices"].T.astype(np.int64)))
         sh_rest = flat.view(len(means), -1, 3)
-    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]), offsets, sh_rest)
+    return CompactModel(means, quats, scales.clamp_min(0), opac, field, torch.tensor(header["background"]), offsets, sh_rest, features)

@@ -82,6 +82,9 @@ class CompactConfig:
     """Per-Gaussian SH coefficients of degrees 1..D added to the field's colour (residual-VQ'd like the
     geometry in the .fkc); 0: all view dependence comes from the field (Compact-3DGS)."""
     lr_sh_residual: float = 0.0025 / 20
+    color_features: int = 0
+    """Per-Gaussian feature inputs to the colour MLP (stored like the colour offsets in the .fkc); 0: none."""
+    lr_color_features: float = 0.005
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     scale_schedule_to_steps: bool = True
 
@@ -124,6 +127,8 @@ class CompactGaussians(GaussianSplatting):
         }
         if config.color_residual:  # start from the initial points' colours, as gs does
             params["color_residual"] = splats.sh[:, 0, :].clone()
+        if config.color_features > 0:
+            params["color_features"] = torch.zeros(n, config.color_features)
         if config.sh_residual_degree > 0:
             params["sh_residual"] = torch.zeros(n, (config.sh_residual_degree + 1) ** 2 - 1, 3)
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
@@ -131,7 +136,7 @@ class CompactGaussians(GaussianSplatting):
         low, high = scene.bounds
         grid = HashGridConfig(config.hash_levels, config.hash_features, config.hash_log2_size, config.hash_base_resolution, config.hash_per_level_scale)
         self.field = ColorField(grid, config.mlp_hidden, (low + high) / 2, ((high - low) / 2).clamp_min(1e-6), generator=self.generator,
-                                output=config.color_output).to(self.device)
+                                output=config.color_output, extra_dim=config.color_features).to(self.device)
         self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=config.net_lr, eps=1e-15)
         self.rvq_scale = ResidualVQ(3, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
@@ -145,7 +150,8 @@ class CompactGaussians(GaussianSplatting):
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
         lrs = {"means": c.lr_means * self.scene_extent, "quats": c.lr_quats, "log_scales": c.lr_scales,
-               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr, "color_residual": c.lr_color_residual, "sh_residual": c.lr_sh_residual}
+               "opacity_logits": c.lr_opacity, "mask_logits": c.mask_lr, "color_residual": c.lr_color_residual, "sh_residual": c.lr_sh_residual,
+               "color_features": c.lr_color_features}
         groups = [{"params": [self.params[name]], "lr": lrs[name], "name": name} for name in self.params]
         return torch.optim.Adam(groups, lr=0.0, eps=1e-15)
 
@@ -173,7 +179,8 @@ class CompactGaussians(GaussianSplatting):
 
     def _render_params(self, cameras: Cameras, sh_degree: int = 0):
         means, quats, scales, opacities = self.geometry()
-        sh = gaussian_sh(self.field(means, cameras.centers[0].to(means)), self.params.get("color_residual"), self.sh_residual())
+        sh = gaussian_sh(self.field(means, cameras.centers[0].to(means), self.params.get("color_features")),
+                         self.params.get("color_residual"), self.sh_residual())
         return rasterize(means, quats, scales, opacities, sh, cameras, sh_degree=self.config.sh_residual_degree,
                          background=self.background, backend=self.backend)
 
@@ -261,12 +268,12 @@ class CompactGaussians(GaussianSplatting):
     # -- persistence ---------------------------------------------------------------------------
 
     @torch.no_grad()
-    def baked_dc(self, means: Tensor, n_views: int = 16) -> Tensor:
+    def baked_dc(self, means: Tensor, extra: Tensor | None = None, n_views: int = 16) -> Tensor:
         """View-independent DC per Gaussian: the colour field averaged over training-camera directions."""
         feats = self.field.features(means)
         centers = self.train_cameras.centers.to(means)
         pick = torch.linspace(0, len(centers) - 1, min(n_views, len(centers))).round().long()
-        return torch.stack([self.field.decode(feats, means - centers[i]) for i in pick]).mean(0)
+        return torch.stack([self.field.decode(feats, means - centers[i], extra) for i in pick]).mean(0)
 
     @torch.no_grad()
     def splats(self) -> Splats:
@@ -275,7 +282,8 @@ class CompactGaussians(GaussianSplatting):
         live = torch.sigmoid(self.params["mask_logits"]) > MASK_EPS
         means, quats, scales, opacities = means[live], quats[live], scales[live], opacities[live]
         offsets, rest = self.params.get("color_residual"), self.sh_residual()
-        sh = gaussian_sh(self.baked_dc(means), None if offsets is None else offsets[live], None if rest is None else rest[live])
+        extra = self.params["color_features"][live] if "color_features" in self.params else None
+        sh = gaussian_sh(self.baked_dc(means, extra), None if offsets is None else offsets[live], None if rest is None else rest[live])
         op = opacities.clamp(1e-6, 1 - 1e-6)
         return Splats(means.cpu(), quats.cpu(), torch.log(scales.clamp_min(1e-12)).cpu(), torch.log(op / (1 - op)).cpu(), sh.cpu())
 

@@ -61,10 +61,14 @@ def sh_basis_deg2(dirs: Tensor) -> Tensor:
 
 
 class ColorField(nn.Module):
-    """View-dependent colour of each Gaussian: MLP([hash(contract(μ)), SH(dir)]) -> SH DC [N,3]."""
+    """View-dependent colour of each Gaussian: MLP([hash(contract(μ)), SH(dir), per-Gaussian features]) -> SH DC [N,3].
+
+    ``extra_dim`` per-Gaussian feature inputs (0: none, Compact-3DGS) let the MLP vary the view dependence per
+    Gaussian instead of only as smoothly as the hash grid."""
 
     def __init__(self, grid: HashGridConfig, hidden: int = 64, center: Tensor | None = None,
-                 half_extent: Tensor | None = None, generator: torch.Generator | None = None, output: str = "linear"):
+                 half_extent: Tensor | None = None, generator: torch.Generator | None = None, output: str = "linear",
+                 extra_dim: int = 0):
         super().__init__()
         if output not in ("linear", "sigmoid"):
             raise ValueError(f"ColorField output must be linear or sigmoid, got {output!r}")
@@ -72,8 +76,9 @@ class ColorField(nn.Module):
         """linear: the MLP's output is the SH DC coefficient (Compact-3DGS). sigmoid: the MLP gives the colour
         through a sigmoid (then mapped to the DC coefficient), so the renderer's clamp at 0 can never zero its gradient."""
         self.grid = HashGrid(grid, dims=3, generator=generator)
+        self.extra_dim = extra_dim
         self.mlp = nn.Sequential(
-            nn.Linear(self.grid.output_dim + 9, hidden), nn.ReLU(),
+            nn.Linear(self.grid.output_dim + 9 + extra_dim, hidden), nn.ReLU(),
             nn.Linear(hidden, hidden), nn.ReLU(),
             nn.Linear(hidden, 3),
         )
@@ -84,16 +89,18 @@ class ColorField(nn.Module):
         x = contract_to_unit(means, self.center, self.half_extent).clamp(0, 1)
         return self.grid(x)
 
-    def decode(self, features: Tensor, dirs: Tensor) -> Tensor:
-        """features [N,F], dirs [N,3] (not necessarily unit) -> SH DC [N,3]."""
+    def decode(self, features: Tensor, dirs: Tensor, extra: Tensor | None = None) -> Tensor:
+        """features [N,F], dirs [N,3] (not necessarily unit), per-Gaussian inputs [N,extra_dim] -> SH DC [N,3]."""
         d = dirs / dirs.norm(dim=-1, keepdim=True).clamp_min(1e-9)
-        out = self.mlp(torch.cat([features, sh_basis_deg2(d)], dim=-1))
+        if (extra is None) != (self.extra_dim == 0) or (extra is not None and extra.shape[-1] != self.extra_dim):
+            raise ValueError(f"ColorField expects {self.extra_dim} per-Gaussian inputs, got {None if extra is None else extra.shape[-1]}")
+        out = self.mlp(torch.cat([features, sh_basis_deg2(d)] + ([] if extra is None else [extra]), dim=-1))
         if self.output == "sigmoid":
             return (torch.sigmoid(out) - 0.5) / SH_C0
         return out
 
-    def forward(self, means: Tensor, camera_center: Tensor) -> Tensor:
-        return self.decode(self.features(means), means - camera_center)
+    def forward(self, means: Tensor, camera_center: Tensor, extra: Tensor | None = None) -> Tensor:
+        return self.decode(self.features(means), means - camera_center, extra)
 
 
 def _nearest(x: Tensor, codebook: Tensor, chunk: int = 65536) -> Tensor:
