@@ -45,8 +45,9 @@ class CompactConfig:
     lr_opacity: float = 0.05
     lr_scales: float = 0.005
     lr_quats: float = 0.001
-    lambda_mask: float = 4e-3
-    """Mask loss weight (Compact-3DGS: 4e-3 synthetic, 5e-4 real scenes)."""
+    lambda_mask: float = 0.01
+    """Mask loss weight (Compact-3DGS: 4e-3 synthetic, 5e-4 real scenes). 0.01 here: with the colour features the
+    Gaussians carry more bytes each, and on lego 14 % fewer of them cost 0.1 dB (docs/compact.md)."""
     mask_lr: float = 0.01
     mask_prune_every: int = 1000
     """Hard-prune masked Gaussians this often (at 30k steps; scaled) after densification."""
@@ -63,9 +64,10 @@ class CompactConfig:
     net_lr_steps: tuple[int, ...] = (20000, 27000)
     """Steps (of 30k; scaled to the run) at which the colour field's learning rate is multiplied by 0.33
     (Compact-3DGS: 5k, 15k, 25k; at 3000-step runs that left the field 500 steps at full rate, -0.5 dB on lego)."""
-    rvq_stages: int = 3
+    rvq_stages: int = 2
     rvq_codebook_size: int = 256
-    """3 stages x 256 codes (24 bits) per quantised vector; Compact-3DGS uses 6 x 64 (36 bits): 0.04 dB better on lego, 50 % more index bytes."""
+    """2 stages x 256 codes (16 bits) per quantised vector; Compact-3DGS uses 6 x 64 (36 bits). On lego a third
+    stage is worth about 0.05 dB each for scale and rotation (a third more index bytes)."""
     rvq_steps: int = 1000
     """Residual VQ is on for the last rvq_steps (of 30k; scaled to the run, at least 10)."""
     rvq_lr: float = 1e-4
@@ -82,8 +84,10 @@ class CompactConfig:
     """Per-Gaussian SH coefficients of degrees 1..D added to the field's colour (residual-VQ'd like the
     geometry in the .fkc); 0: all view dependence comes from the field (Compact-3DGS)."""
     lr_sh_residual: float = 0.0025 / 20
-    color_features: int = 0
-    """Per-Gaussian feature inputs to the colour MLP (stored like the colour offsets in the .fkc); 0: none."""
+    color_features: int = 4
+    """Per-Gaussian feature inputs to the colour MLP (6 bits each in the .fkc, like the colour offsets), so view
+    dependence can vary per Gaussian and not only as smoothly as the hash grid: +0.4 dB on lego for 0.6 B per
+    Gaussian per feature (8 features: +0.07 dB more); 0: none (Compact-3DGS)."""
     lr_color_features: float = 0.005
     densify: DensifyConfig = field(default_factory=DensifyConfig)
     scale_schedule_to_steps: bool = True
@@ -299,6 +303,13 @@ class CompactGaussians(GaussianSplatting):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)  # params, optimizer, generator, order, densifier statistics
+        params = state["params"]
+        n_features = int(params["color_features"].shape[1]) if "color_features" in params else 0
+        if n_features != self.field.extra_dim:  # saved with another colour-features setting (or before the option: none)
+            self.config.color_features = n_features
+            self.field = ColorField(self.field.grid.config, self.config.mlp_hidden, self.field.center, self.field.half_extent,
+                                    output=self.field.output, extra_dim=n_features).to(self.device)
+            self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=self.config.net_lr, eps=1e-15)
         self.field.load_state_dict(state["field"])
         self.field.output = state.get("field_output", "linear")  # checkpoints from before the option: linear
         if "field_optimizer" in state:

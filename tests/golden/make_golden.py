@@ -221,6 +221,8 @@ COMPACT_CONFIG = {
     "init_random_points": 16,  # replaced by the analytic discs before training
     "hash_levels": 8, "hash_features": 2, "hash_log2_size": 11, "mlp_hidden": 32, "net_warmup": 10,
     "rvq_stages": 4, "rvq_codebook_size": 32,
+    # pinned at the values the stored checkpoint was trained with (the method's defaults moved since)
+    "lambda_mask": 4e-3, "color_features": 0,
 }
 """CompactConfig overrides of the gs-compact golden model (the schedule is scaled to COMPACT_STEPS:
 no densification, residual VQ on for the last 10 steps)."""
