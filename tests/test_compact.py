@@ -277,3 +277,34 @@ def test_fkc_positions_and_version1_files_still_read(scene: Path, tmp_path: Path
     old.write_bytes(b"FKC1" + struct.pack("<I", len(head)) + head + b"".join(blobs))
     with pytest.raises(ValueError, match="version 3"):
         read_compact(old)
+
+
+def test_mask_weight_shrinks_for_long_runs(scene: Path) -> None:
+    """The mask loss only pushes masks down, so its weight is divided by max_steps / mask_reference_steps for runs
+    longer than the reference (never raised for shorter ones; 0 turns the scaling off), and the loss uses it."""
+    from fieldkit.methods.gs_compact import CompactConfig, CompactGaussians
+
+    sc = CompactGaussians.load_data(scene)
+    weights = {}
+    for steps, ref in [(30, 3000), (3000, 3000), (12000, 3000), (12000, 0)]:
+        cfg = CompactConfig(init_random_points=100, hash_log2_size=10, hash_levels=4, lambda_mask=0.02, mask_reference_steps=ref)
+        weights[steps, ref] = CompactGaussians(cfg, sc, max_steps=steps, backend="torch").lambda_mask
+    assert weights == {(30, 3000): 0.02, (3000, 3000): 0.02, (12000, 3000): pytest.approx(0.005), (12000, 0): 0.02}
+
+    # the weight enters the loss: with the photometric part fixed, loss(λ) - loss(0) = λ · mean σ(m)
+    m = CompactGaussians(CompactConfig(init_random_points=100, hash_log2_size=10, hash_levels=4), sc, max_steps=12000, backend="torch")
+    with torch.no_grad():
+        m.params["mask_logits"].fill_(2.0)
+    m._order = [0] * 4
+    state = {k: v.detach().clone() for k, v in m.params.items()}
+    field = {k: v.clone() for k, v in m.field.state_dict().items()}
+    losses = []
+    for weight in (0.0, 0.5):
+        with torch.no_grad():
+            for k, v in state.items():
+                m.params[k].copy_(v)
+        m.field.load_state_dict(field)
+        m.lambda_mask = weight
+        m._order = [0]
+        losses.append(m.train_step(0)["loss"])
+    assert losses[1] - losses[0] == pytest.approx(0.5 * float(torch.sigmoid(torch.tensor(2.0))), rel=1e-4)

@@ -46,8 +46,13 @@ class CompactConfig:
     lr_scales: float = 0.005
     lr_quats: float = 0.001
     lambda_mask: float = 0.01
-    """Mask loss weight (Compact-3DGS: 4e-3 synthetic, 5e-4 real scenes). 0.01 here: with the colour features the
-    Gaussians carry more bytes each, and on lego 14 % fewer of them cost 0.1 dB (docs/compact.md)."""
+    """Mask loss weight for a run of ``mask_reference_steps`` steps (Compact-3DGS: 4e-3 synthetic, 5e-4 real scenes,
+    at 30k steps). Longer runs use lambda_mask * mask_reference_steps / max_steps (see mask_reference_steps)."""
+    mask_reference_steps: int = 3000
+    """The mask loss only pushes masks down (the opacity and scale absorb the photometric pull on the straight-through
+    mask), so its effect grows with the step count: at 10k steps and weight 0.01 it pruned lego from 60k to 2k
+    Gaussians (26.6 dB). The weight is therefore divided by max_steps / mask_reference_steps for longer runs
+    (never raised for shorter ones); 0 turns the scaling off."""
     mask_lr: float = 0.01
     mask_prune_every: int = 1000
     """Hard-prune masked Gaussians this often (at 30k steps; scaled) after densification."""
@@ -118,6 +123,8 @@ class CompactGaussians(GaussianSplatting):
         self.lm_phase = None
         self.rvq_start = max_steps - max(10, config.rvq_steps * max_steps // REFERENCE_STEPS) if scale else max_steps - config.rvq_steps
         self.prune_every = max(densify.interval, config.mask_prune_every * max_steps // REFERENCE_STEPS) if scale else config.mask_prune_every
+        ref = config.mask_reference_steps
+        self.lambda_mask = config.lambda_mask * (min(1.0, ref / max_steps) if ref > 0 else 1.0)
         self.net_milestones = [m * max_steps // REFERENCE_STEPS if scale else m for m in config.net_lr_steps]
 
         splats = initial_splats(scene, GSConfig(sh_degree=0, init_random_points=config.init_random_points, init_opacity=config.init_opacity), self.generator)
@@ -235,7 +242,7 @@ class CompactGaussians(GaussianSplatting):
             group["lr"] = self._net_lr(step)
         out = self._render_params(camera)
         loss = gaussian_splat_loss(out.rgb, target, self.config.ssim_lambda)
-        loss = loss + self.config.lambda_mask * torch.sigmoid(self.params["mask_logits"]).mean()
+        loss = loss + self.lambda_mask * torch.sigmoid(self.params["mask_logits"]).mean()
         loss.backward()
         if out.means2d.grad is not None:
             self.densifier.observe(out.means2d.grad, out.radii, camera.width, camera.height)
