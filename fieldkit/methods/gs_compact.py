@@ -2,11 +2,12 @@
 
 Differences from ``gs`` (see docs/compact.md):
 * a learnable volume mask per Gaussian (straight-through, multiplies scale and opacity), a mask
-  loss λ_m·mean(σ(m)), and hard pruning of σ(m) <= 0.01 at every densification refine and every
+  loss λ_m·mean(σ(m)) (λ_m shrinks for runs longer than ``mask_reference_steps``), and hard pruning of σ(m) <= 0.01 at every densification refine and every
   ``mask_prune_every`` steps afterwards;
-* colour from a shared hash-grid field at the contracted centre + an MLP on the view direction
-  (no per-Gaussian SH), plus a per-Gaussian RGB offset (``color_residual``, on by default) and,
-  optionally, per-Gaussian SH coefficients of degrees 1..D (``sh_residual_degree``);
+* colour from a shared hash-grid field at the contracted centre + an MLP on the view direction and
+  a few per-Gaussian features (``color_features``, 4 by default; no per-Gaussian SH), plus a per-Gaussian
+  RGB offset (``color_residual``, on by default) and, optionally, per-Gaussian SH coefficients of
+  degrees 1..D (``sh_residual_degree``);
 * residual VQ of scale (after exp), unit rotation (and the SH residual) for the last ``rvq_steps`` steps.
 """
 
