@@ -272,16 +272,16 @@ def read_compact(path: Path) -> CompactModel:
     opac = torch.from_numpy(arrays["opacity"].astype(np.float32) / 255)
     scales = lookup_codebooks(torch.from_numpy(arrays["scale_codebooks"].astype(np.float32)), torch.from_numpy(arrays["scale_indices"].T.astype(np.int64)))
     quats = lookup_codebooks(torch.from_numpy(arrays["rot_codebooks"].astype(np.float32)), torch.from_numpy(arrays["rot_indices"].T.astype(np.int64)))
+    bits = header.get("color_offset_bits", 8)
+    offsets = _dequantise_channels(arrays["color_offset"], header["color_offset_range"], bits) if "color_offset" in arrays else None
+    features = _dequantise_channels(arrays["color_features"], header["color_features_range"], bits) if "color_features" in arrays else None
     grid = HashGridConfig(**header["hash_grid"])
     field = ColorField(grid, header["mlp_hidden"], torch.tensor(header["center"]), torch.tensor(header["half_extent"]),
-                       output=header.get("field_output", "linear"), extra_dim=int(arrays.get("color_features", np.zeros((0, 0))).shape[0]))
+                       output=header.get("field_output", "linear"), extra_dim=0 if features is None else features.shape[1])
     lo, hi = header["hash_range"]
     with torch.no_grad():
         field.grid.params.copy_(torch.from_numpy(_dequantise_u8(arrays["hash_table"], lo, hi)))
         field.mlp.load_state_dict({k[4:]: torch.from_numpy(v.astype(np.float32)) for k, v in arrays.items() if k.startswith("mlp.")})
-    bits = header.get("color_offset_bits", 8)
-    offsets = _dequantise_channels(arrays["color_offset"], header["color_offset_range"], bits) if "color_offset" in arrays else None
-    features = _dequantise_channels(arrays["color_features"], header["color_features_range"], bits) if "color_features" in arrays else None
     sh_rest = None
     if header.get("sh_residual_degree", 0) > 0:
         flat = lookup_codebooks(torch.from_numpy(arrays["sh_codebooks"].astype(np.float32)), torch.from_numpy(arrays["sh_indices"].T.astype(np.int64)))

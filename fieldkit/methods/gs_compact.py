@@ -146,10 +146,7 @@ class CompactGaussians(GaussianSplatting):
         self.params = {k: torch.nn.Parameter(v.to(self.device).contiguous()) for k, v in params.items()}
         self.optimizer = self._make_optimizer()
         low, high = scene.bounds
-        grid = HashGridConfig(config.hash_levels, config.hash_features, config.hash_log2_size, config.hash_base_resolution, config.hash_per_level_scale)
-        self.field = ColorField(grid, config.mlp_hidden, (low + high) / 2, ((high - low) / 2).clamp_min(1e-6), generator=self.generator,
-                                output=config.color_output, extra_dim=config.color_features).to(self.device)
-        self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=config.net_lr, eps=1e-15)
+        self._make_field((low + high) / 2, ((high - low) / 2).clamp_min(1e-6), config.color_output, config.color_features)
         self.rvq_scale = ResidualVQ(3, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         self.rvq_rot = ResidualVQ(4, config.rvq_stages, config.rvq_codebook_size).to(self.device)
         sh_dim = 3 * ((config.sh_residual_degree + 1) ** 2 - 1)
@@ -158,6 +155,14 @@ class CompactGaussians(GaussianSplatting):
         self.rvq_active = False
         self.densifier = Densifier(densify, self.scene_extent, n, self.device,
                                    prune_extent(self.scene_extent, self.train_cameras.centers, self.params["means"]))
+
+    def _make_field(self, center: Tensor, half_extent: Tensor, output: str, n_features: int) -> None:
+        """The colour field (hash grid from the config) and its optimiser."""
+        c = self.config
+        grid = HashGridConfig(c.hash_levels, c.hash_features, c.hash_log2_size, c.hash_base_resolution, c.hash_per_level_scale)
+        self.field = ColorField(grid, c.mlp_hidden, center, half_extent, generator=self.generator, output=output,
+                                extra_dim=n_features).to(self.device)
+        self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=c.net_lr, eps=1e-15)
 
     def _make_optimizer(self) -> torch.optim.Adam:
         c = self.config
@@ -315,9 +320,7 @@ class CompactGaussians(GaussianSplatting):
         n_features = int(params["color_features"].shape[1]) if "color_features" in params else 0
         if n_features != self.field.extra_dim:  # saved with another colour-features setting (or before the option: none)
             self.config.color_features = n_features
-            self.field = ColorField(self.field.grid.config, self.config.mlp_hidden, self.field.center, self.field.half_extent,
-                                    output=self.field.output, extra_dim=n_features).to(self.device)
-            self.field_optimizer = torch.optim.Adam(self.field.parameters(), lr=self.config.net_lr, eps=1e-15)
+            self._make_field(self.field.center, self.field.half_extent, self.field.output, n_features)
         self.field.load_state_dict(state["field"])
         self.field.output = state.get("field_output", "linear")  # checkpoints from before the option: linear
         if "field_optimizer" in state:
